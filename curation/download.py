@@ -1,0 +1,103 @@
+"""Download with img2dataset on Ray: webdataset shards of the original bytes, incremental, guarded.
+
+img2dataset does the downloading (its Ray distributor, its opt-out header handling, its incremental mode); lensforge
+adds the URL guard (installed in every Ray worker by `worker_process_setup_hook`) and keeps img2dataset from
+decoding: `disable_all_reencoding` stores the bytes as served, so a decompression bomb is caught by our header
+check in the pixel-filter step instead of being decoded by OpenCV inside the downloader.
+
+Output: DATA/download/{shard:05d}.tar (+ .parquet and _stats.json per finished shard, img2dataset's own files).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from curation.config import CurateConfig
+from curation.ray_runtime import QUIET_ENV
+from curation.safety import POLICY_ENV, UrlPolicy
+
+
+KEY_COLUMN = "lf_key"  # img2dataset reserves "key"; ours travels as an additional column
+SHARD_DIGITS = 5  # img2dataset's oom_shard_count
+
+
+def url_policy(cfg: CurateConfig) -> UrlPolicy:
+    return UrlPolicy(
+        allow_hosts=tuple(cfg.allow_hosts), max_bytes=cfg.download.max_bytes, max_seconds=cfg.download.max_seconds
+    )
+
+
+def ray_runtime_env(cfg: CurateConfig) -> dict:
+    """What every Ray worker of a curate job needs: the guard installed, the quiet environment."""
+    return {
+        "worker_process_setup_hook": "curation.safety.install_guard",
+        "env_vars": {**QUIET_ENV, POLICY_ENV: url_policy(cfg).to_env()},
+    }
+
+
+def write_download_input(rows: pa.Table, out: Path) -> Path:
+    """The URL list img2dataset reads: url, caption (alt text) and our key, in key order."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    pq.write_table(rows.select(["url", "caption", KEY_COLUMN]), tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def done_shards(download_dir: Path) -> list[str]:
+    """Shard names (e.g. '00003') img2dataset finished: it writes `_stats.json` last."""
+    return sorted(p.name.split("_")[0] for p in download_dir.glob("*_stats.json"))
+
+
+def _watch(download_dir: Path, total: int, stop: threading.Event) -> None:
+    """img2dataset's Ray distributor prints no progress; count finished shards instead."""
+    with tqdm(total=total, desc="download", unit="shard", initial=len(done_shards(download_dir))) as bar:
+        while not stop.wait(0.5):
+            bar.update(len(done_shards(download_dir)) - bar.n)
+        bar.update(len(done_shards(download_dir)) - bar.n)
+
+
+def download(input_parquet: Path, download_dir: Path, n_rows: int, cfg: CurateConfig) -> None:
+    """Run img2dataset's Ray distributor over `input_parquet`; finished shards are skipped on rerun.
+
+    Ray must already be initialised with `ray_runtime_env(cfg)` (see curation.pipeline)."""
+    from img2dataset import download as img2dataset_download
+
+    d = cfg.download
+    total = max(1, -(-n_rows // d.shard_size))
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(download_dir, total, stop), daemon=True)
+    watcher.start()
+    try:
+        img2dataset_download(
+            url_list=str(input_parquet),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=[KEY_COLUMN],
+            output_folder=str(download_dir),
+            output_format="webdataset",
+            distributor="ray",
+            processes_count=max(1, d.processes),
+            thread_count=d.threads,
+            number_sample_per_shard=d.shard_size,
+            oom_shard_count=SHARD_DIGITS,
+            timeout=int(max(1, d.timeout_s)),
+            retries=d.retries,
+            disable_all_reencoding=True,  # keep the served bytes; decoding happens in our filter step
+            extract_exif=False,
+            compute_hash="sha256",
+            incremental_mode="incremental",
+            user_agent_token=d.user_agent_token,
+            disallowed_header_directives=list(d.disallowed_header_directives),
+            enable_wandb=False,
+        )
+    finally:
+        stop.set()
+        watcher.join()

@@ -1,0 +1,122 @@
+"""The curation funnel: how many input URLs each check removed, in the order the checks run.
+
+    f = funnel(read_manifest("data"))
+    print(format_funnel(f))
+    write_funnel_json(f, "data/reports/funnel.json")
+
+Reject reasons are counted among the rows that were not kept, so `kept + sum(reject_reasons) + unexplained ==
+total` always holds; `unexplained` (not kept, no reason) is 0 in a finished manifest and counts rows whose
+filters have not run yet or whose reason is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.manifest import REJECT_REASONS, STATUSES
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+NULL_LABEL = "(null)"  # JSON keys are strings: how a null status or an unknown null is counted
+_FUNNEL_COLUMNS = ("status", "keep", "reject_reason")
+
+
+def _counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    out = {}
+    for item in pc.value_counts(column).to_pylist():
+        value = item["values"]
+        out[NULL_LABEL if value is None else str(value)] = int(item["counts"])
+    return out
+
+
+def funnel(manifest: pa.Table | pd.DataFrame) -> dict:
+    """Counts of a manifest (extra columns ignored):
+
+    {"total": int,
+     "status": {status: count} — every STATUSES entry, zeros included, then any other value seen,
+     "reject_reasons": {reason: count} — REJECT_REASONS order, zeros included, then any unknown reason,
+     "unexplained": int, "kept": int, "kept_fraction": float}
+    """
+    if not isinstance(manifest, pa.Table):  # a pandas DataFrame
+        missing = [c for c in _FUNNEL_COLUMNS if c not in manifest.columns]
+        if missing:
+            raise ValueError(f"manifest lacks column(s) {missing}")
+        manifest = pa.Table.from_pandas(manifest[list(_FUNNEL_COLUMNS)], preserve_index=False)
+    missing = [c for c in _FUNNEL_COLUMNS if c not in manifest.column_names]
+    if missing:
+        raise ValueError(f"manifest lacks column(s) {missing}")
+
+    total = manifest.num_rows
+    kept_mask = pc.fill_null(manifest["keep"].cast(pa.bool_()), False)
+    kept = int(pc.sum(kept_mask).as_py() or 0)
+    rejected = manifest.filter(pc.invert(kept_mask))
+
+    seen_status = _counts(manifest["status"])
+    status = {s: seen_status.pop(s, 0) for s in STATUSES} | seen_status
+
+    seen_reasons = _counts(rejected["reject_reason"])
+    unexplained = seen_reasons.pop(NULL_LABEL, 0)
+    reasons = {r: seen_reasons.pop(r, 0) for r in REJECT_REASONS} | seen_reasons
+
+    return {
+        "total": total,
+        "status": status,
+        "reject_reasons": reasons,
+        "unexplained": unexplained,
+        "kept": kept,
+        "kept_fraction": kept / total if total else 0.0,
+    }
+
+
+def format_funnel(f: dict) -> str:
+    """A compact terminal table: one line per reject reason in check order, with the share of the input it
+    removed and how many rows remain after it, ending at the kept count."""
+    total = f["total"]
+
+    def pct(n: int) -> str:
+        return f"{100.0 * n / total:.1f}%" if total else "-"
+
+    status = "  ".join(f"{s} {n:,}" for s, n in f["status"].items() if n or s in STATUSES)
+    rows = [("input", f"{total:,}", pct(total), f"{total:,}")]
+    remaining = total
+    for reason, n in f["reject_reasons"].items():
+        remaining -= n
+        rows.append((reason, f"{n:,}", pct(n), f"{remaining:,}"))
+    if f.get("unexplained"):
+        remaining -= f["unexplained"]
+        rows.append(("(no reason)", f"{f['unexplained']:,}", pct(f["unexplained"]), f"{remaining:,}"))
+    rows.append(("kept", f"{f['kept']:,}", pct(f["kept"]), ""))
+
+    header = ("stage", "rows", "% input", "remaining")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+
+    def line(r: tuple[str, ...]) -> str:
+        return "  ".join([r[0].ljust(widths[0]), *(r[i].rjust(widths[i]) for i in range(1, 4))]).rstrip()
+
+    rule = "-" * len(line(header))
+    body = [line(r) for r in rows]
+    return "\n".join([f"status: {status}", line(header), rule, *body[:-1], rule, body[-1]])
+
+
+def write_funnel_json(f: dict, path: str | Path) -> Path:
+    """Write the funnel as indented JSON, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(f, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

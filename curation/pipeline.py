@@ -1,0 +1,181 @@
+"""`lensforge curate`: a URL list in, an audited, filtered, deduplicated manifest out.
+
+    lensforge curate --urls scenes/urls.parquet --out data --allow-hosts 127.0.0.1
+
+Steps, each resumable (kill at any moment, rerun the same command, only what is left is done):
+  1. read the URL list, key every row by its position (stable across reruns);
+  2. URL guard, statically, on the driver → refused rows never reach the downloader;
+  3. img2dataset on Ray → DATA/download/ (finished shards are not downloaded again);
+  4. one Ray actor pool filters shards → DATA/filtered/ (done shards with the same filter config are skipped);
+  5. dedup over the rows every other filter kept;
+  6. the manifest (DATA/manifest/part-*.parquet), the funnel (printed + JSON) and DATA/reports/curation.html.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from curation.config import CurateConfig
+from curation.dedup import find_duplicates
+from curation.download import (
+    KEY_COLUMN,
+    done_shards,
+    download,
+    ray_runtime_env,
+    url_policy,
+    write_download_input,
+)
+from curation.funnel import format_funnel, funnel, write_funnel_json
+from curation.inputs import read_url_list
+from curation.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED_DOWNLOAD, manifest_dir
+from curation.ray_runtime import init_ray
+from curation.report import write_report
+from curation.safety import UrlGuard
+from curation.shard_filter import FILTERED_SCHEMA, ShardFilter, filter_config_hash, shard_done
+
+MANIFEST_PART_ROWS = 1_000_000
+
+
+class Timings(dict):
+    """Wall seconds per stage of this run (DATA/reports/timings.json; bench/curate.py reads it)."""
+
+    @contextmanager
+    def __call__(self, stage: str):
+        started = time.perf_counter()
+        yield
+        self[stage] = round(time.perf_counter() - started, 3)
+
+    def write(self, path: Path, **extra) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seconds": dict(self), **extra}, indent=1))
+
+
+def filter_shards(data: Path, cfg: CurateConfig) -> list[dict]:
+    """Filter every downloaded shard not yet filtered with this config, on a pool of Ray actors."""
+    import ray
+    from ray.util import ActorPool
+
+    cfg_hash = filter_config_hash(cfg)
+    todo = [s for s in done_shards(data / "download") if not shard_done(data / "filtered", s, cfg_hash)]
+    if not todo:
+        return []
+    cpus = int(ray.available_resources().get("CPU", 1)) or 1
+    n_actors = min(len(todo), cfg.models.actors if cfg.models.clip_model else cpus)
+    actor_cls = ray.remote(num_cpus=1)(ShardFilter)
+    pool = ActorPool([actor_cls.remote(str(data), cfg) for _ in range(n_actors)])
+    stats = []
+    for result in tqdm(pool.map_unordered(lambda a, s: a.__call__.remote(s), todo), total=len(todo),
+                       desc="filter", unit="shard"):
+        stats.append(result)
+    return stats
+
+
+def read_filtered(data: Path) -> pd.DataFrame:
+    parts = sorted((data / "filtered").glob("*.parquet"))
+    if not parts:
+        return FILTERED_SCHEMA.empty_table().to_pandas()
+    return pa.concat_tables(pq.read_table(p) for p in parts).to_pandas()
+
+
+def dedup(filtered: pd.DataFrame, cfg: CurateConfig) -> dict[str, str]:
+    """duplicate key → kept key, over the rows that every other filter kept."""
+    cands = filtered[filtered["reject_reason"].isna()].sort_values("key")
+    if len(cands) < 2:
+        return {}
+    has_emb = cfg.dedup.clip and cands["embedding"].notna().all()
+    embeddings = np.stack(cands["embedding"].to_numpy()).astype(np.float32) if has_emb else None
+    rank_col = "aesthetic" if cands["aesthetic"].notna().any() else "clip_score"
+    rank = cands[rank_col].to_numpy(dtype=np.float64) if cands[rank_col].notna().any() else None
+    with tqdm(total=1, desc="dedup", unit="pass") as bar:
+        dups = find_duplicates(
+            keys=cands["key"].tolist(),
+            exact=cands["exact_hash"].tolist(),
+            phash=cands["phash"].to_numpy(dtype=np.int64),
+            embeddings=embeddings,
+            rank=rank,
+            cfg=cfg.dedup,
+            thumbs=np.stack([np.frombuffer(t, np.uint8) for t in cands["thumb"]]),
+        )
+        bar.update(1)
+    return dups
+
+
+def build_manifest(inputs: pd.DataFrame, refused: dict[str, str], filtered: pd.DataFrame,
+                   dups: dict[str, str], extra_cols: list[str]) -> pd.DataFrame:
+    """One row per input URL, in key order, rejected rows included."""
+    base = inputs[["key", "url", "alt_text", *extra_cols]]
+    results = filtered.drop(columns=["exact_hash", "phash", "thumb", "embedding"]).set_index("key")
+    m = base.join(results, on="key")
+    unsafe = m["key"].map(refused)
+    m.loc[unsafe.notna(), ["status", "error", "reject_reason"]] = STATUS_FAILED_DOWNLOAD, None, "unsafe_url"
+    m.loc[unsafe.notna(), "error"] = unsafe[unsafe.notna()]
+    missing = m["status"].isna()  # safe rows whose shard never finished: say so rather than drop them
+    m.loc[missing, ["status", "error", "reject_reason"]] = (
+        STATUS_FAILED_DOWNLOAD, "download shard did not finish; rerun to retry", "failed_download")
+    m["dup_of"] = m["key"].map(dups)
+    m.loc[m["dup_of"].notna() & m["reject_reason"].isna(), "reject_reason"] = "duplicate"
+    m["keep"] = m["reject_reason"].isna()
+    return m[[*MANIFEST_COLUMNS, *extra_cols]]
+
+
+def write_manifest(manifest: pd.DataFrame, data: Path) -> None:
+    out = manifest_dir(data)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [c for c in manifest.columns if c not in MANIFEST_COLUMNS]
+    schema = MANIFEST_SCHEMA
+    for col in extra:
+        schema = schema.append(pa.field(col, pa.Table.from_pandas(manifest[[col]], preserve_index=False).schema[0].type))
+    for old in out.glob("part-*.parquet"):
+        old.unlink()
+    for i, start in enumerate(range(0, max(len(manifest), 1), MANIFEST_PART_ROWS)):
+        part = pa.Table.from_pandas(manifest.iloc[start:start + MANIFEST_PART_ROWS], schema=schema,
+                                    preserve_index=False)
+        tmp = out / f".part-{i:05d}.parquet.tmp"
+        pq.write_table(part, tmp)
+        os.replace(tmp, out / f"part-{i:05d}.parquet")
+
+
+def curate(urls: str | Path, data: str | Path, cfg: CurateConfig, ray_address: str | None = None) -> pd.DataFrame:
+    data = Path(data)
+    inputs, extra_cols = read_url_list(urls, cfg.url_col, cfg.caption_col)
+    guard = UrlGuard(url_policy(cfg))
+    refused = {k: r for k, r in zip(inputs["key"], map(guard.static_reason, inputs["url"])) if r}
+    safe = inputs[~inputs["key"].isin(refused)]
+    print(f"curate: {len(inputs)} URLs, {len(refused)} refused by the URL guard, {len(safe)} to download")
+
+    timings = Timings()
+    with timings("ray_init"):
+        init_ray(ray_address, ray_runtime_env(cfg))
+    if len(safe):
+        table = pa.Table.from_pandas(
+            safe.rename(columns={"alt_text": "caption", "key": KEY_COLUMN})[["url", "caption", KEY_COLUMN]],
+            preserve_index=False)
+        input_file = write_download_input(table, data / "download" / "_input" / "urls.parquet")
+        with timings("download"):
+            download(input_file, data / "download", len(safe), cfg)
+        with timings("filter"):
+            filter_shards(data, cfg)
+
+    filtered = read_filtered(data)
+    with timings("dedup"):
+        dups = dedup(filtered, cfg)
+    manifest = build_manifest(inputs, refused, filtered, dups, extra_cols)
+    write_manifest(manifest, data)
+    timings.write(data / "reports" / "timings.json", rows=len(inputs), downloaded=len(safe))
+    summary = funnel(manifest)
+    print(format_funnel(summary))
+    write_funnel_json(summary, data / "reports" / "funnel.json")
+    report = write_report(data, pa.Table.from_pandas(manifest, preserve_index=False), cfg)
+    print(f"curate: manifest in {manifest_dir(data)}, report at {report}")
+    return manifest
+

@@ -1,0 +1,160 @@
+"""Pixel filters of `lensforge curate`: decode, then blur / entropy / luminance scores and the no-model checks.
+
+Pure functions over one image; curation/shard_filter.py calls them per shard member, inside a Ray task:
+
+    img = decode(data, cfg.download.max_pixels)          # (H, W, 3) uint8 RGB, or ValueError
+    scores = pixel_scores(img)                           # {"blur", "entropy", "luminance"}
+    reason = pixel_reason(img.shape[1], img.shape[0], scores, cfg)   # None when it passes
+    exact, phash = image_hashes(img)                     # dedup keys: sha1 hex of the pixels, pHash as int64
+
+Every score is recorded whether or not it rejected; the reason is the first failing check in PIXEL_CHECKS, which
+is the pixel slice of manifest.REJECT_REASONS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from contextlib import contextmanager
+
+import cv2
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from curation.config import CurateConfig
+
+# In manifest.REJECT_REASONS order (checked by the tests).
+PIXEL_CHECKS = ("min_area", "aspect", "blur", "entropy", "luminance")
+
+# Blur is measured with the shorter side resized to this, so `min_blur` means the same for a 300 px thumbnail and
+# a 6000 px photo (the Laplacian's variance of one scene grows as it is downscaled and shrinks as it is upscaled).
+BLUR_SHORT_SIDE = 256
+# pHash squashes to 32×32 anyway; an area-average to at most this square first keeps big photos cheap.
+PHASH_PRESHRINK = 256
+THUMB_SIDE = 8  # dedup's confirmation thumbnail: (8, 8, 3) uint8, 192 bytes a row
+
+
+@contextmanager
+def _strict_truncation():
+    """PIL's LOAD_TRUNCATED_IMAGES is a module global that other libraries set to True; force False while we
+    decode (a truncated file must fail, not come back half grey) and put back whatever was there."""
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """Bytes → (H, W, 3) uint8 RGB, as a viewer shows it (EXIF orientation applied, alpha over white).
+
+    The header's size is checked against `max_pixels` before any pixel is decoded.
+    Raises ValueError("decompression bomb: WxH") or ValueError("undecodable: ...").
+    """
+    with _strict_truncation(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own max_pixels decides
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:  # PIL's own cap (2 × MAX_IMAGE_PIXELS), if ours is higher
+            raise ValueError(f"decompression bomb: {e}") from e
+        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError from broken headers
+            raise ValueError(f"undecodable: {type(e).__name__}: {e}") from e
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"decompression bomb: {w}x{h}")
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(im)
+        except Exception as e:  # truncated data, bad chunks, decoder errors
+            raise ValueError(f"undecodable: {type(e).__name__}: {e}") from e
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"undecodable: empty image {w}x{h}")
+    return rgb
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Transparent pixels go over white (what a browser page usually shows), not over whatever RGB hides there."""
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def pixel_scores(img: np.ndarray) -> dict[str, float]:
+    """(H, W, 3) uint8 RGB → {"blur", "entropy", "luminance"}.
+
+    blur: variance of the 3×3 Laplacian of the grayscale image (0–255 scale) at shorter side BLUR_SHORT_SIDE.
+    entropy: Shannon entropy in bits of the 256-bin grayscale histogram (0 for a flat image, ≤ 8).
+    luminance: mean HSV value, max(R, G, B) / 255, in [0, 1].
+    """
+    # cv2 rather than numpy reductions: ~15× faster on a 12 MP photo (numpy's max over the channel axis is slow).
+    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)  # (H, W) uint8
+    counts = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel().astype(np.float64)  # (256,)
+    p = counts[counts > 0] / gray.size
+    value = cv2.max(cv2.max(img[..., 0], img[..., 1]), img[..., 2])  # (H, W) HSV V = max(R, G, B)
+    return {
+        "blur": float(cv2.Laplacian(_working_resolution(gray), cv2.CV_64F).var()),
+        "entropy": float(0.0 - (p * np.log2(p)).sum()),  # 0.0 - … so a flat image gives 0.0, not -0.0
+        "luminance": float(cv2.mean(value)[0] / 255.0),
+    }
+
+
+def _working_resolution(gray: np.ndarray) -> np.ndarray:
+    h, w = gray.shape
+    scale = BLUR_SHORT_SIDE / min(h, w)
+    if scale == 1.0:
+        return gray
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # cv2 wants (W, H)
+    # Area-average when shrinking (no aliasing); cubic when enlarging (linear would blur: measured 0.7× the score)
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return cv2.resize(gray, size, interpolation=interp)
+
+
+def pixel_reason(width: int, height: int, scores: dict[str, float | None], cfg: CurateConfig) -> str | None:
+    """The first failing check of PIXEL_CHECKS, or None. A missing (None) score never rejects."""
+    if width * height < cfg.min_area:
+        return "min_area"
+    aspect = width / height
+    if not cfg.min_aspect <= aspect <= cfg.max_aspect:
+        return "aspect"
+    blur, entropy, lum = scores.get("blur"), scores.get("entropy"), scores.get("luminance")
+    if blur is not None and blur < cfg.min_blur:
+        return "blur"
+    if entropy is not None and entropy < cfg.min_entropy:
+        return "entropy"
+    if lum is not None and not cfg.min_luminance <= lum <= cfg.max_luminance:
+        return "luminance"
+    return None
+
+
+def image_hashes(img: np.ndarray) -> tuple[str, int]:
+    """(H, W, 3) uint8 RGB → (exact, phash), the keys of curation.dedup.
+
+    exact: sha1 hex of the shape and the pixel bytes — the same picture re-encoded losslessly (PNG ↔ BMP) matches;
+    a JPEG re-encode does not (that is pHash's job).
+    phash: imagehash.phash (DCT of a 32×32 grayscale, 8×8 lowest frequencies vs their median), its 64 bits
+    (row-major, first bit most significant) as a *signed* int64 value, two's complement, so it fits an Arrow
+    int64 column as-is; `int(phash) % 2**64` is the unsigned form (imagehash's hex string).
+    """
+    import imagehash  # imports scipy.fftpack: only where hashes are made
+
+    h = hashlib.sha1(repr(img.shape).encode())
+    h.update(np.ascontiguousarray(img).data)
+    # Pre-shrink: 12 MP photo 0.3 s → 0.06 s. Measured on 2400×1800 renders: same bits as plain imagehash.phash
+    # for 18 of 20, 2 bits off for two; re-encoded half-size copies stay within 2 bits either way.
+    gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)  # (H, W)
+    if max(gray.shape) > PHASH_PRESHRINK:
+        size = (min(gray.shape[1], PHASH_PRESHRINK), min(gray.shape[0], PHASH_PRESHRINK))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    bits = imagehash.phash(Image.fromarray(gray)).hash.ravel()  # (64,) bool
+    return h.hexdigest(), int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)
+
+
+def thumbnail(img: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 → (THUMB_SIDE, THUMB_SIDE, 3) area-averaged uint8 bytes: confirms pHash pairs in dedup."""
+    return cv2.resize(img, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).tobytes()

@@ -1,0 +1,62 @@
+"""Starting or joining Ray for a lensforge job, without anything phoning home.
+
+Local runtime (no address): Ray would otherwise pick this machine's network address by asking the routing table
+about a public resolver and bind to it, and its dashboard process (started even with include_dashboard=False,
+for the UsageStatsHead module) probes cloud metadata services at 169.254.169.254 whether or not usage stats are
+enabled. So a local runtime starts with Ray's single-node mode (127.0.0.1 everywhere) and with HTTP proxies
+pointed at a closed loopback port, so those probes end at 127.0.0.1:9 (loopback stays direct via NO_PROXY).
+A cluster (`--ray-address`) is the operator's network: lensforge changes nothing there.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+# Imported by every module that starts Ray or imports img2dataset (albumentations checks PyPI for updates).
+QUIET_ENV = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "WANDB_MODE": "disabled",
+    "WANDB_SILENT": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",  # Ray reports usage to its makers unless told not to
+}
+CLOSED_LOOPBACK_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, a probe fails at once
+LOOPBACK_ONLY_ENV = {
+    **{name: CLOSED_LOOPBACK_PROXY for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+    **{name: "localhost,127.0.0.1,::1" for name in ("NO_PROXY", "no_proxy")},
+}
+LOCAL_RAY_ENV = {**LOOPBACK_ONLY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # single-node mode: 127.0.0.1
+
+os.environ.update(QUIET_ENV)
+
+
+@contextmanager
+def temporary_env(values: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
+    """Join `address`, or start a local runtime on loopback only. No-op when Ray is already up."""
+    if address is None:
+        with temporary_env(LOCAL_RAY_ENV):
+            import ray
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; ray may have been imported before
+            if not ray.is_initialized():
+                ray.init(runtime_env=runtime_env, log_to_driver=False, include_dashboard=False,
+                         configure_logging=False)
+        return
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)

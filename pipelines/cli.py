@@ -1,0 +1,52 @@
+"""The `lensforge` command line. Each subcommand lives in `pipelines/commands/<name>.py` and exposes
+`NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
+
+    lensforge --help
+    lensforge curate --urls scenes/urls.parquet --out data --allow-hosts 127.0.0.1
+
+Errors a user can fix (missing file, bad column, bad config, unknown preset) print one line and exit 2;
+set LENSFORGE_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Import order is the order in `lensforge --help`.
+COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate"]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="lensforge", description="From web image URLs to a Lens-style checkpoint.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    runners = {}
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"pipelines.commands.{name}")
+        cmd = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        runners[module.NAME] = module.run
+    return parser, runners
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, runners = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(runners[args.command](args) or 0)
+    except KeyboardInterrupt:
+        print("lensforge: interrupted; rerun the same command to finish what is left", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, LookupError) as err:
+        if os.environ.get("LENSFORGE_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"lensforge: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # `python -m pipelines.cli` (what torchrun runs)
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""`lensforge curate --urls URLS --out DATA [--config F] [--ray-address ADDR] [--allow-hosts H,...]`"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.config import add_config_args, load_section, save_resolved
+
+NAME = "curate"
+HELP = "download (img2dataset on Ray), filter and deduplicate a URL list into DATA/manifest"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--urls", required=True, help="Parquet/CSV/JSONL file or folder with a url column")
+    parser.add_argument("--out", required=True, metavar="DATA", help="data directory (created; resumable)")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local runtime")
+    parser.add_argument("--allow-hosts", default=None, metavar="H,...",
+                        help="hosts/IPs/CIDRs admitted although non-public (e.g. 127.0.0.1 for local data)")
+    add_config_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from curation.pipeline import curate
+
+    allow = [h.strip() for h in args.allow_hosts.split(",") if h.strip()] if args.allow_hosts else None
+    cfg = load_section("curate", args.config, args.overrides, allow_hosts=allow)
+    save_resolved(cfg, "curate", args.out)
+    curate(args.urls, args.out, cfg, ray_address=args.ray_address)
+    return 0

@@ -1,0 +1,49 @@
+"""The embedded default, offline: render synthetic scenes with web faults → serve them on loopback → curate.
+
+    lensforge demo --out demo-out          (what `make demo` runs)
+
+Later stages (caption, precompute, train, generate) join this flow as they land. Settings: configs/demo.yaml,
+which every stage command accepts with --config, so each step can be rerun by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipelines.config import load_section, save_resolved
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[str] | None = None) -> Path:
+    from curation.pipeline import curate
+    from scenes import render_dataset, start_server
+
+    out = Path(out)
+    config = Path(config) if config else DEMO_CONFIG
+    overrides = overrides or []
+    started = time.time()
+    scenes_dir, data_dir = out / "scenes", out / "data"
+    scenes_dir.mkdir(parents=True, exist_ok=True)
+
+    server, base_url = start_server(scenes_dir, host="127.0.0.1", port=0)
+    try:
+        scenes_cfg = load_section("scenes", str(config), overrides, base_url=base_url)
+        save_resolved(scenes_cfg, "scenes", scenes_dir)
+        urls = render_dataset(scenes_cfg, scenes_dir)
+        print(f"demo: {scenes_cfg.n} scenes rendered into {scenes_dir}, served at {base_url}")
+
+        curate_cfg = load_section("curate", str(config), overrides)
+        save_resolved(curate_cfg, "curate", data_dir)
+        curate(urls, data_dir, curate_cfg)
+    finally:
+        server.shutdown()
+
+    print(f"\ndemo finished in {time.time() - started:.0f} s")
+    print(f"  manifest: {data_dir / 'manifest'}")
+    print(f"  report:   {data_dir / 'reports' / 'curation.html'}")
+    print("next: curate your own URL list with\n"
+          f"  lensforge curate --urls my_urls.parquet --out my-data --config {config}")
+    return data_dir

@@ -1,0 +1,206 @@
+"""`lensforge curate` end to end, as a user runs it: the CLI in a subprocess, real Ray, real img2dataset over
+loopback HTTP, synthetic scenes with every web fault, and URLs the guard must refuse (directly and behind a
+redirect). Also: kill at any moment and rerun → the same manifest, finished shards not downloaded again."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from curation.manifest import MANIFEST_SCHEMA, read_manifest
+from scenes import render_dataset, start_server
+from scenes.config import ScenesConfig
+
+LENSFORGE = str(Path(sys.executable).parent / "lensforge")
+REPO = Path(__file__).resolve().parents[2]
+
+# What each fault kind of the scene renderer must become in the manifest: (status, reject_reason).
+EXPECTED = {
+    "broken_link": ("failed_download", "failed_download"),
+    "truncated": ("failed_decode", "failed_decode"),
+    "not_image": ("failed_decode", "failed_decode"),
+    "bomb": ("failed_decode", "failed_decode"),
+    "optout": ("failed_download", "failed_download"),
+    "tiny": ("ok", "min_area"),
+    "extreme_aspect": ("ok", "aspect"),
+    "blurred": ("ok", "blur"),
+    "near_blank": ("ok", "blur"),  # flat: no edges at all, the blur check (before entropy) says so first
+    "exact_duplicate": ("ok", "duplicate"),
+    "near_duplicate": ("ok", "duplicate"),
+}
+
+
+def write_config(path: Path, **curate) -> Path:
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["curate"]
+    demo["download"].update(shard_size=20, threads=8)
+    demo.update(curate)
+    path.write_text(yaml.safe_dump({"curate": demo}))
+    return path
+
+
+def add_hostile_rows(scenes_dir: Path, base_url: str, refused_url: str) -> Path:
+    """URLs the guard must refuse, and one allowed URL that redirects to a refused address."""
+    serve = json.loads((scenes_dir / "_serve.json").read_text()) if (scenes_dir / "_serve.json").exists() else {}
+    serve["/to_refused"] = {"redirect": refused_url}
+    (scenes_dir / "_serve.json").write_text(json.dumps(serve))
+    urls = pd.read_parquet(scenes_dir / "urls.parquet")
+    hostile = {
+        "file": "file:///etc/passwd",
+        "ftp": "ftp://127.0.0.1/x.jpg",
+        "credentials": "http://user:pw@127.0.0.1/x.jpg",
+        "other_loopback": refused_url,
+        "redirect": f"{base_url}/to_refused",
+    }
+    extra = pd.DataFrame({"url": list(hostile.values()), "caption": "hostile", "fault": [f"unsafe_{k}" for k in hostile]})
+    out = scenes_dir / "urls_with_hostile.parquet"
+    pd.concat([urls, extra], ignore_index=True).to_parquet(out)
+    return out
+
+
+def run_curate(urls: Path, data: Path, config: Path, **popen) -> subprocess.Popen:
+    cmd = [LENSFORGE, "curate", "--urls", str(urls), "--out", str(data), "--config", str(config)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curate")
+    scenes_dir = root / "scenes"
+    scenes_dir.mkdir()
+    refused_dir = root / "refused"
+    refused_dir.mkdir()
+    (refused_dir / "secret.jpg").write_bytes(b"not for you")
+    refused_server, refused_base = start_server(refused_dir, host="127.0.0.2", port=0)
+    server, base_url = start_server(scenes_dir, host="127.0.0.1", port=0)
+    render_dataset(ScenesConfig(n=60, faults=0.3, seed=3, base_url=base_url), scenes_dir)
+    urls = add_hostile_rows(scenes_dir, base_url, f"{refused_base}/secret.jpg")
+    config = write_config(root / "curate.yaml")
+    data = root / "data"
+    output = finish(run_curate(urls, data, config))
+    yield {"root": root, "urls": urls, "config": config, "data": data, "output": output}
+    server.shutdown()
+    refused_server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def manifest(world):
+    return read_manifest(world["data"]).to_pandas()
+
+
+def test_manifest_schema_and_one_row_per_url(world, manifest):
+    table = read_manifest(world["data"])
+    for field in MANIFEST_SCHEMA:
+        assert table.schema.field(field.name).type == field.type, field.name
+    urls = pd.read_parquet(world["urls"])
+    assert len(manifest) == len(urls)
+    assert manifest["key"].is_unique
+    assert list(manifest["url"]) == list(urls["url"])  # key order = input order
+    assert (manifest["keep"] == manifest["reject_reason"].isna()).all()
+    assert {"fault", "scene_id"} <= set(manifest.columns)  # input columns are carried through
+    assert set(manifest["status"]) <= {"ok", "failed_download", "failed_decode"}
+
+
+def test_every_fault_kind_ends_as_expected_row(manifest):
+    faults = manifest[manifest["fault"].notna() & ~manifest["fault"].astype(str).str.startswith("unsafe_")]
+    assert set(faults["fault"]) == set(EXPECTED), "the renderer makes a fault kind this test does not know"
+    for _, row in faults.iterrows():
+        assert (row["status"], row["reject_reason"]) == EXPECTED[row["fault"]], row.to_dict()
+    clean = manifest[manifest["fault"].isna()]
+    assert clean["keep"].mean() > 0.9, clean[~clean["keep"]][["key", "reject_reason", "blur", "entropy"]]
+
+
+def test_duplicates_point_at_their_kept_source(manifest):
+    dups = manifest[manifest["reject_reason"] == "duplicate"]
+    keys = manifest.set_index("key")
+    assert len(dups) >= 2
+    for _, row in dups.iterrows():
+        assert keys.loc[row["dup_of"], "keep"], row["dup_of"]
+        if pd.notna(row["source"]):  # a fault copy: kept is its source, or whatever its source duplicates
+            source = manifest.iloc[int(row["source"])]
+            assert row["dup_of"] in (source["key"], source["dup_of"]), (row["key"], row["dup_of"], source["key"])
+
+
+def test_hostile_urls_are_refused_rows(manifest):
+    hostile = manifest[manifest["fault"].astype(str).str.startswith("unsafe_")]
+    assert len(hostile) == 5
+    assert (hostile["reject_reason"] == "unsafe_url").all(), hostile[["url", "error"]]
+    assert (hostile["status"] == "failed_download").all()
+    redirect = hostile[hostile["fault"] == "unsafe_redirect"].iloc[0]
+    assert "127.0.0.2" in redirect["error"]
+
+
+def test_scores_recorded_and_reports_written(world, manifest):
+    ok = manifest[manifest["status"] == "ok"]
+    assert ok[["blur", "entropy", "luminance"]].notna().all().all()
+    assert manifest[["clip_score", "aesthetic", "nsfw", "watermark"]].isna().all().all()  # no CLIP configured
+    funnel = json.loads((world["data"] / "reports" / "funnel.json").read_text())
+    assert funnel["total"] == len(manifest) and funnel["kept"] == int(manifest["keep"].sum())
+    assert (world["data"] / "reports" / "curation.html").stat().st_size > 10_000
+    assert (world["data"] / "config.curate.yaml").exists()
+    assert "kept" in world["output"]
+
+
+def test_kill_and_resume_gives_the_same_manifest(world, manifest, tmp_path):
+    data = tmp_path / "data"
+    proc = run_curate(world["urls"], data, world["config"], start_new_session=True)
+    deadline = time.time() + 240
+    while not list((data / "download").glob("*_stats.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the CLI, Ray and its workers
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in (data / "download").glob("*.tar")
+            if (data / "download" / p.name.replace(".tar", "_stats.json")).exists()}
+    assert done, "killed before any shard finished: the test proved nothing"
+    assert not (data / "manifest").exists() or not list((data / "manifest").glob("part-*.parquet"))
+
+    finish(run_curate(world["urls"], data, world["config"]))
+    resumed = read_manifest(data).to_pandas()
+    pd.testing.assert_frame_equal(resumed, manifest)
+    for name, mtime in done.items():  # finished shards were not downloaded again
+        assert (data / "download" / name).stat().st_mtime_ns == mtime, name
+
+
+def test_rerun_of_a_finished_run_changes_nothing(world, manifest):
+    before = {p.name: p.stat().st_mtime_ns for p in (world["data"] / "filtered").glob("*.parquet")}
+    finish(run_curate(world["urls"], world["data"], world["config"]))
+    after = {p.name: p.stat().st_mtime_ns for p in (world["data"] / "filtered").glob("*.parquet")}
+    assert before == after
+    pd.testing.assert_frame_equal(read_manifest(world["data"]).to_pandas(), manifest)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--urls", "/nonexistent/urls.parquet"], "URL list not found"),  # argparse: the last --urls wins
+        (["--config", "/nonexistent.yaml"], "config file not found"),
+        (["--set", "curate.min_area=-1"], "curate.min_area"),
+        (["--set", "curate.nope=1"], "curate.nope"),
+    ],
+)
+def test_bad_input_is_one_clear_line(world, tmp_path, extra, message):
+    argv = [LENSFORGE, "curate", "--urls", str(world["urls"]), "--out", str(tmp_path / "d"), *extra]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lensforge: error:") and message in lines[0], result.stderr
+
+
+def test_missing_url_column_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("link,caption\nhttp://127.0.0.1/x.jpg,hi\n")
+    result = subprocess.run([LENSFORGE, "curate", "--urls", str(bad), "--out", str(tmp_path / "d")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no 'url' column" in result.stderr, result.stderr
