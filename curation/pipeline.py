@@ -128,21 +128,21 @@ def build_manifest(inputs: pd.DataFrame, refused: dict[str, str], filtered: pd.D
     return m[[*MANIFEST_COLUMNS, *extra_cols]]
 
 
-def write_manifest(manifest: pd.DataFrame, data: Path) -> None:
+def write_manifest(manifest: pd.DataFrame, data: Path) -> pa.Table:
+    """DATA/manifest/part-*.parquet in MANIFEST_SCHEMA (+ the carried input columns); returns the table."""
+    schema = MANIFEST_SCHEMA
+    for col in manifest.columns[len(MANIFEST_COLUMNS):]:  # carried input columns keep their inferred types
+        schema = schema.append(pa.Schema.from_pandas(manifest[[col]], preserve_index=False).field(col))
+    table = pa.Table.from_pandas(manifest, schema=schema, preserve_index=False)
     out = manifest_dir(data)
     out.mkdir(parents=True, exist_ok=True)
-    extra = [c for c in manifest.columns if c not in MANIFEST_COLUMNS]
-    schema = MANIFEST_SCHEMA
-    for col in extra:
-        schema = schema.append(pa.field(col, pa.Table.from_pandas(manifest[[col]], preserve_index=False).schema[0].type))
     for old in out.glob("part-*.parquet"):
         old.unlink()
-    for i, start in enumerate(range(0, max(len(manifest), 1), MANIFEST_PART_ROWS)):
-        part = pa.Table.from_pandas(manifest.iloc[start:start + MANIFEST_PART_ROWS], schema=schema,
-                                    preserve_index=False)
+    for i, start in enumerate(range(0, max(len(table), 1), MANIFEST_PART_ROWS)):
         tmp = out / f".part-{i:05d}.parquet.tmp"
-        pq.write_table(part, tmp)
+        pq.write_table(table.slice(start, MANIFEST_PART_ROWS), tmp)
         os.replace(tmp, out / f"part-{i:05d}.parquet")
+    return table
 
 
 def curate(urls: str | Path, data: str | Path, cfg: CurateConfig, ray_address: str | None = None) -> pd.DataFrame:
@@ -170,12 +170,12 @@ def curate(urls: str | Path, data: str | Path, cfg: CurateConfig, ray_address: s
     with timings("dedup"):
         dups = dedup(filtered, cfg)
     manifest = build_manifest(inputs, refused, filtered, dups, extra_cols)
-    write_manifest(manifest, data)
+    table = write_manifest(manifest, data)
     timings.write(data / "reports" / "timings.json", rows=len(inputs), downloaded=len(safe))
     summary = funnel(manifest)
     print(format_funnel(summary))
     write_funnel_json(summary, data / "reports" / "funnel.json")
-    report = write_report(data, pa.Table.from_pandas(manifest, preserve_index=False), cfg)
+    report = write_report(data, table, cfg)
     print(f"curate: manifest in {manifest_dir(data)}, report at {report}")
     return manifest
 

@@ -5,7 +5,8 @@ about a public resolver and bind to it, and its dashboard process (started even 
 for the UsageStatsHead module) probes cloud metadata services at 169.254.169.254 whether or not usage stats are
 enabled. So a local runtime starts with Ray's single-node mode (127.0.0.1 everywhere) and with HTTP proxies
 pointed at a closed loopback port, so those probes end at 127.0.0.1:9 (loopback stays direct via NO_PROXY).
-A cluster (`--ray-address`) is the operator's network: lensforge changes nothing there.
+A cluster (`--ray-address`) is the operator's network: lensforge changes nothing there, except that
+LENSFORGE_RAY_NODE_IP, when set, names this machine's address in the cluster (for hosts with several).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ QUIET_ENV = {
     "WANDB_SILENT": "true",
     "RAY_USAGE_STATS_ENABLED": "0",  # Ray reports usage to its makers unless told not to
 }
+NODE_IP_ENV = "LENSFORGE_RAY_NODE_IP"
 CLOSED_LOOPBACK_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, a probe fails at once
 LOOPBACK_ONLY_ENV = {
     **{name: CLOSED_LOOPBACK_PROXY for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
@@ -59,4 +61,5 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None) -> Non
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False,
+                 _node_ip_address=os.environ.get(NODE_IP_ENV) or None)

@@ -4,7 +4,7 @@
     server, base_url = start_server("data/web")   # tests: a free port, served from a daemon thread
     ...; server.shutdown(); server.server_close()
 
-`DIR/_serve.json` (read once at start) maps URL paths to per-path behaviour, applied in this order:
+`DIR/_serve.json` (re-read whenever it changes) maps URL paths to per-path behaviour, applied in this order:
     {"/images/000001.jpg": {"redirect": "http://127.0.0.1:8000/images/000002.jpg"}}   -> 302 to that URL
     {"/images/000003.jpg": {"status": 503}}                                          -> that status, short body
     {"/images/000004.jpg": {"headers": {"X-Robots-Tag": "noai"}}}                     -> extra/replaced headers
@@ -33,10 +33,23 @@ class SceneServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], root: Path):
         self.root = root.resolve()
-        sidecar = self.root / SIDECAR
-        self.rules: dict[str, dict] = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        self._rules: dict[str, dict] = {}
+        self._rules_stamp: int | None = None
+        self._rules_lock = threading.Lock()
         self.stopping = threading.Event()  # lets dribbling handlers give up on shutdown
         super().__init__(address, Handler)
+
+    @property
+    def rules(self) -> dict[str, dict]:
+        """`_serve.json`, re-read when it changes: the server starts before the dataset is rendered into its
+        folder (the URLs need its port)."""
+        sidecar = self.root / SIDECAR
+        stamp = sidecar.stat().st_mtime_ns if sidecar.is_file() else None
+        with self._rules_lock:
+            if stamp != self._rules_stamp:
+                self._rules = json.loads(sidecar.read_text()) if stamp is not None else {}
+                self._rules_stamp = stamp
+            return self._rules
 
     def shutdown(self) -> None:
         self.stopping.set()
