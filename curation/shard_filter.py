@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from curation.config import CurateConfig
 from curation.download import KEY_COLUMN
 from curation.manifest import STATUS_FAILED_DECODE, STATUS_FAILED_DOWNLOAD, STATUS_OK
-from curation.model_filters import ClipScorer, model_reason
 from curation.pixel_filters import decode, image_hashes, pixel_reason, pixel_scores, thumbnail
 from curation.safety import UNSAFE_PREFIX
 
@@ -100,9 +99,15 @@ class ShardFilter:
 
     def __init__(self, data: str, cfg: CurateConfig):
         self.data, self.cfg = Path(data), cfg
-        self.scorer = ClipScorer(cfg.models)
+        self.scorer = None
+        if cfg.models.clip_model:  # torch and open_clip load only where a model filter runs
+            from curation.model_filters import ClipScorer
+
+            self.scorer = ClipScorer(cfg.models)
 
     def _score_batch(self, rows: list[dict], images: list[np.ndarray], alt: list[str]) -> None:
+        from curation.model_filters import model_reason
+
         out = self.scorer(images, alt)
         for i, row in enumerate(rows):
             scores = {name: (None if out.get(name) is None else float(out[name][i])) for name in
@@ -126,7 +131,7 @@ class ShardFilter:
                 row = rows[stem]
                 row["member"] = member.name
                 img = _decode_and_score(row, tar.extractfile(member).read(), self.cfg)
-                if img is not None and self.scorer.enabled:
+                if img is not None and self.scorer is not None:
                     for buf, item in zip(pending, (row, img, by_i2d_key[stem].get("caption") or "")):
                         buf.append(item)
                     if len(pending[0]) >= self.cfg.models.batch_size:

@@ -133,3 +133,34 @@ def test_sources_combine_and_edge_cases():
     assert find_duplicates(["a"], ["x"], h[:1], None, None, DedupConfig()) == {}
     with pytest.raises(ValueError, match="unique"):
         find_duplicates(["a", "a"], ["x", "y"], h[:2], None, None, DedupConfig())
+
+
+def test_thumbnails_veto_phash_pairs_that_are_not_copies():
+    """Simple images share pHashes without being copies: two flat images with one object each in different
+    colours collide under pHash; their thumbnails tell them apart, and a true re-encoded copy still joins."""
+    from curation.pixel_filters import thumbnail
+
+    def scene(color):
+        img = np.full((256, 256, 3), 245, np.uint8)
+        img[100:160, 100:160] = color
+        return img
+
+    red, blue = scene((215, 35, 35)), scene((40, 75, 220))
+    copy = decode(_jpeg(red, 75), 2**26)
+    imgs = [red, blue, copy]
+    exact, phash = zip(*(image_hashes(i) for i in imgs))
+    keys = [make_key(i) for i in range(3)]
+    thumbs = np.stack([np.frombuffer(thumbnail(i), np.uint8) for i in imgs])
+    cfg = DedupConfig(exact=False, clip=False, phash_max_distance=10)
+    assert find_duplicates(keys, list(exact), phash_array(list(phash)), None, None, cfg) == {
+        keys[1]: keys[0], keys[2]: keys[0]}  # pHash alone: red and blue are "the same"
+    confirmed = find_duplicates(keys, list(exact), phash_array(list(phash)), None, None, cfg, thumbs=thumbs)
+    assert confirmed == {keys[2]: keys[0]}
+
+
+def _jpeg(img, quality):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -1,0 +1,134 @@
+"""`lensforge generate "PROMPT" (--run RUN | --checkpoint DIR) --out DIR [--steps 20] [--cfg 5.0]
+[--size WxH | --aspect 16:9] [--seed 0] [--n 4] [--prompts FILE] [--rewrite --rewrite-base-url URL ...]`
+
+Writes OUT/PPP_KK.png (prompt PPP, sample KK, seed = --seed + KK), OUT/PPP_grid.png when --n > 1, and
+OUT/generate.json with every setting, the checkpoint and each image's prompt and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+NAME = "generate"
+HELP = "sample images from a checkpoint (a run's latest step, EMA preferred, or one step directory)"
+
+# Lens's "reasoner": an LLM expands a short prompt into the dense caption style the model was trained on.
+REWRITE_PROMPT = (
+    "Rewrite the user's image request as one dense, literal description of the image, in the style of a "
+    "detailed caption: every object with its colour, shape, size and position, the background, the lighting "
+    "and the style. Do not add objects the request does not imply. Reply with the description only."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", help="the prompt (or --prompts FILE)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory: its latest checkpoints/step_*, EMA weights preferred")
+    source.add_argument("--checkpoint", metavar="DIR", help="one step directory (or a .safetensors file)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16, area ≤ 1440² (default: the model's size)")
+    size.add_argument("--aspect", help="1:2, 9:16, 2:3, 3:4, 1:1, 4:3, 3:2, 16:9 or 2:1 at the model's area")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=4, help="images per prompt")
+    parser.add_argument("--prompts", metavar="FILE", help="text file, one prompt a line (blank lines skipped)")
+    parser.add_argument("--negative", default="", help="negative prompt (default: empty = no tokens)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on CUDA)")
+    parser.add_argument("--no-ema", action="store_true", help="load model.safetensors even where EMA exists")
+    rewrite = parser.add_argument_group("prompt rewriting (Lens's reasoner), off by default")
+    rewrite.add_argument("--rewrite", action="store_true", help="expand each prompt with an LLM first")
+    rewrite.add_argument("--rewrite-base-url", default=os.environ.get("OPENAI_BASE_URL"),
+                         help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL)")
+    rewrite.add_argument("--rewrite-model", default="gpt-4.1", help="model name at that endpoint")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = [args.prompt] if args.prompt is not None else []
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file not found: {path}")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give a PROMPT or --prompts FILE")
+    return prompts
+
+
+def rewrite_prompts(prompts: list[str], base_url: str | None, model: str) -> list[str]:
+    """Each prompt expanded by a chat model at an OpenAI-compatible endpoint."""
+    if not base_url:
+        raise ValueError("--rewrite needs --rewrite-base-url (or OPENAI_BASE_URL)")
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"), max_retries=2)
+    out = []
+    for prompt in prompts:
+        reply = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "system", "content": REWRITE_PROMPT}, {"role": "user", "content": prompt}],
+            temperature=0.0,
+        )
+        out.append((reply.choices[0].message.content or "").strip() or prompt)
+    return out
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name, low in ("steps", 1), ("n", 1), ("batch_size", 1):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ {low}")
+    if args.cfg < 0:
+        raise ValueError("--cfg must be ≥ 0")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from inference.checkpoint import resolve_checkpoint
+    from inference.generate import Pipeline, make_grid, parse_size, size_for_aspect, validate_size
+
+    check_args(args)
+    prompts = read_prompts(args)
+    weights, spec = resolve_checkpoint(run=args.run, checkpoint=args.checkpoint, prefer_ema=not args.no_ema)
+    base = spec.model.base_size
+    if args.size:
+        width, height = parse_size(args.size)
+    elif args.aspect:
+        width, height = size_for_aspect(args.aspect, base * base)
+    else:
+        width, height = validate_size(base, base)
+    rewritten = rewrite_prompts(prompts, args.rewrite_base_url, args.rewrite_model) if args.rewrite else prompts
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    autocast = torch.bfloat16 if args.bf16 or device.startswith("cuda") else None
+    pipe = Pipeline.load(weights, spec, device=device, autocast=autocast)
+
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(args.n)]
+    start = time.perf_counter()
+    images = pipe.generate([rewritten[i] for i, _ in jobs], width, height, steps=args.steps, cfg=args.cfg,
+                           seeds=[args.seed + k for _, k in jobs], negative=args.negative, batch_size=args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for (i, k), image in zip(jobs, images):
+        image.save(out / f"{i:03d}_{k:02d}.png")
+        records.append({"file": f"{i:03d}_{k:02d}.png", "prompt": prompts[i], "model_prompt": rewritten[i],
+                        "seed": args.seed + k})
+    if args.n > 1:
+        for i in range(len(prompts)):
+            make_grid(images[i * args.n:(i + 1) * args.n]).save(out / f"{i:03d}_grid.png")
+    settings = {
+        "checkpoint": str(weights), "spec": spec.model_dump(), "width": width, "height": height,
+        "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "n": args.n, "negative": args.negative,
+        "rewrite": {"base_url": args.rewrite_base_url, "model": args.rewrite_model} if args.rewrite else None,
+        "device": device, "seconds": round(time.perf_counter() - start, 2), "images": records,
+    }
+    (out / "generate.json").write_text(json.dumps(settings, indent=2) + "\n")
+    print(f"{len(images)} images of {width}x{height} in {settings['seconds']} s → {out}")
+    return 0

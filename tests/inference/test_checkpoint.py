@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from inference.checkpoint import (
+    CheckpointSpec,
+    latest_step_dir,
+    load_model,
+    read_spec,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_random_checkpoint,
+    save_weights,
+)
+from inference.config import get_preset
+from inference.mmdit import MMDiT
+
+SPEC = CheckpointSpec(model=get_preset("tiny").model_copy(update={"depth": 1}), codec="pixel", text_encoder="minilm")
+
+
+def test_round_trip_with_the_config_travelling_with_the_weights(tmp_path):
+    step = save_random_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000005", SPEC, seed=3)
+    assert sorted(p.name for p in step.iterdir()) == ["ema.safetensors", "model.safetensors", "model_config.json"]
+    assert json.loads((step / "model_config.json").read_text())["model"]["name"] == "tiny"
+    weights, spec = resolve_checkpoint(run=tmp_path / "run")
+    assert weights.name == "ema.safetensors" and spec == SPEC
+    assert resolve_checkpoint(checkpoint=step, prefer_ema=False)[0].name == "model.safetensors"
+    (step / "model_config.json").unlink()  # the safetensors metadata alone suffices
+    model = load_model(weights, read_spec(weights))
+    torch.manual_seed(3)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), MMDiT(SPEC.model).parameters()))
+    x, t, text = torch.randn(1, 48, 8, 8), torch.rand(1), torch.randn(1, 3, 768)
+    assert model(x, t, text).abs().sum() > 0  # perturbed: not the adaLN-zero all-zero output
+
+
+def test_latest_step_wins(tmp_path):
+    model = MMDiT(SPEC.model)
+    for step in 9, 10, 100:
+        save_checkpoint(tmp_path / "checkpoints" / f"step_{step:08d}", model, SPEC)
+    (tmp_path / "checkpoints" / "step_00000200.tmp").mkdir()  # half-written: not a step
+    assert latest_step_dir(tmp_path).name == "step_00000100"
+    assert resolve_checkpoint(run=tmp_path)[0].name == "model.safetensors"  # no EMA there
+
+
+def test_strict_load_names_missing_unexpected_and_misshaped_keys(tmp_path):
+    state = MMDiT(SPEC.model).state_dict()
+    state.pop("final.bias")
+    state["extra.weight"] = torch.zeros(2)
+    state["x_embed.weight"] = torch.zeros(3, 3)
+    path = save_weights(tmp_path / "model.safetensors", state, SPEC)
+    with pytest.raises(ValueError) as err:
+        load_model(path, SPEC)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "1 missing: final.bias" in message and "1 unexpected: extra.weight" in message
+    assert "x_embed.weight (3, 3)≠(128, 48)" in message
+
+
+def test_unusable_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        resolve_checkpoint(run=tmp_path)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_checkpoint(checkpoint=tmp_path / "nope")
+    (tmp_path / "model.pt").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="only .safetensors"):
+        resolve_checkpoint(checkpoint=tmp_path / "model.pt")
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ValueError, match="no model config"):
+        resolve_checkpoint(checkpoint=tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match="exactly one"):
+        resolve_checkpoint()
