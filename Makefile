@@ -31,8 +31,9 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q
 
+# Each script prints ratios against a peer measured in the same run.
 bench: install
-	$(BIN)/python bench/curate.py
+	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from captioning.config import CaptionConfig
 from curation.config import CurateConfig
 from scenes.config import ScenesConfig
 
@@ -23,6 +24,7 @@ from scenes.config import ScenesConfig
 SECTIONS: dict[str, type[BaseModel]] = {
     "scenes": ScenesConfig,
     "curate": CurateConfig,
+    "caption": CaptionConfig,
 }
 
 C = TypeVar("C", bound=BaseModel)

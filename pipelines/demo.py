@@ -1,8 +1,9 @@
-"""The embedded default, offline: render synthetic scenes with web faults → serve them on loopback → curate.
+"""The embedded default, offline: render synthetic scenes with web faults → serve them on loopback → curate →
+caption them densely through the local OpenAI-compatible endpoint (which knows only the synthetic scenes).
 
     lensforge demo --out demo-out          (what `make demo` runs)
 
-Later stages (caption, precompute, train, generate) join this flow as they land. Settings: configs/demo.yaml,
+Later stages (precompute, train, generate) join this flow as they land. Settings: configs/demo.yaml,
 which every stage command accepts with --config, so each step can be rerun by hand.
 """
 
@@ -18,7 +19,10 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
 def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[str] | None = None) -> Path:
+    from captioning.endpoint import start_endpoint
+    from captioning.pipeline import caption
     from curation.pipeline import curate
+    from pipelines.commands.caption import report_captions
     from scenes import render_dataset, start_server
 
     out = Path(out)
@@ -41,9 +45,21 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[
     finally:
         server.shutdown()
 
+    endpoint, endpoint_url = start_endpoint(host="127.0.0.1", port=0)
+    try:
+        caption_cfg = load_section("caption", str(config), overrides, base_url=endpoint_url)
+        save_resolved(caption_cfg, "caption", data_dir / "captions")
+        caption(data_dir, caption_cfg)
+        report_captions(data_dir)
+    finally:
+        endpoint.stop()
+
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     print(f"  manifest: {data_dir / 'manifest'}")
-    print(f"  report:   {data_dir / 'reports' / 'curation.html'}")
-    print("next: curate your own URL list with\n"
-          f"  lensforge curate --urls my_urls.parquet --out my-data --config {config}")
+    print(f"  captions: {data_dir / 'captions'}")
+    print(f"  reports:  {data_dir / 'reports' / 'curation.html'}, {data_dir / 'reports' / 'captions.html'}")
+    print("next: your own URL list and a real captioner (any OpenAI-compatible endpoint):\n"
+          f"  lensforge curate --urls my_urls.parquet --out my-data --config {config}\n"
+          "  lensforge caption --data my-data --model gpt-4.1-mini --dry-run      # estimate tokens and cost first\n"
+          "  lensforge caption --data my-data --model gpt-4.1-mini --max-cost-usd 20")
     return data_dir

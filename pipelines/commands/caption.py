@@ -1,0 +1,87 @@
+"""`lensforge caption --data DATA --base-url URL --model MODEL [--variants dense,short] [--config F]
+[--max-cost-usd X] [--dry-run] [--batch-api] [--workers N] [--concurrency N]`
+
+Re-captions every kept image of DATA/manifest into DATA/captions/part-*.parquet; rerun the same command to finish
+what is left. The API key is read from the environment variable named by caption.api_key_env (OPENAI_API_KEY).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.config import add_config_args, load_section, save_resolved
+
+NAME = "caption"
+HELP = "caption every kept image with an OpenAI-compatible VLM into DATA/captions (resumable, budgeted)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from captioning.presets import list_presets
+
+    parser.add_argument("--data", required=True, metavar="DATA", help="data directory with a manifest (curate)")
+    parser.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
+    parser.add_argument("--model", default=None, help="model name, e.g. gpt-4.1-mini")
+    parser.add_argument("--variants", default=None, metavar="V,...",
+                        help=f"caption presets ({', '.join(list_presets())}) or name=path/to/prompt.txt")
+    parser.add_argument("--max-cost-usd", type=float, default=None,
+                        help="stop cleanly before DATA/captions' total spend (all runs) would exceed this")
+    parser.add_argument("--dry-run", action="store_true", help="estimate tokens and cost of the job; send nothing")
+    parser.add_argument("--batch-api", action="store_true", default=None,
+                        help="use the OpenAI Batch API (half price, results within 24 h)")
+    parser.add_argument("--batch-offline-dir", default=None, metavar="DIR",
+                        help="with --batch-api: write the Batch API JSONL into DIR for an offline engine "
+                             "(e.g. `vllm run-batch -i DIR/x.jsonl -o out.jsonl`) and exit")
+    parser.add_argument("--batch-offline-results", default=None, metavar="FILE",
+                        help="with --batch-api: merge an offline engine's output JSONL into DATA/captions")
+    parser.add_argument("--workers", type=int, default=None, help="Ray workers, each with its own event loop")
+    parser.add_argument("--concurrency", type=int, default=None, help="requests in flight per worker")
+    add_config_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from captioning.pipeline import caption
+    from captioning.schema import captions_dir
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    cfg = load_section("caption", args.config, args.overrides, base_url=args.base_url, model=args.model,
+                       variants=variants, max_cost_usd=args.max_cost_usd, batch_api=args.batch_api,
+                       workers=args.workers, concurrency=args.concurrency)
+    if not cfg.model and cfg.azure is None:
+        raise ValueError("no model: pass --model (e.g. gpt-4.1-mini) or set caption.model")
+    if cfg.batch_api and not args.dry_run:
+        return run_batch_api(args, cfg)
+    if args.dry_run:
+        caption(args.data, cfg, dry=True)
+        return 0
+    save_resolved(cfg, "caption", captions_dir(args.data))
+    caption(args.data, cfg)
+    report_captions(args.data)
+    return 0
+
+
+def run_batch_api(args: argparse.Namespace, cfg) -> int:
+    """The Batch API path (captioning/batch.py): online batches, or JSONL files for an offline engine."""
+    from captioning import batch
+    from captioning.schema import captions_dir
+
+    save_resolved(cfg, "caption", captions_dir(args.data))
+    if args.batch_offline_dir:
+        files = batch.write_batch_input(args.data, cfg, args.batch_offline_dir)
+        print(f"caption: {len(files)} request file(s) in {args.batch_offline_dir}; merge the engine's output with "
+              "--batch-api --batch-offline-results FILE")
+        return 0
+    if args.batch_offline_results:
+        merged = batch.read_batch_output(args.batch_offline_results, args.data, cfg)
+        print(f"caption: merged {merged['rows']} row(s) ({merged['ok']} ok) from {args.batch_offline_results}")
+    else:
+        batch.run_batch(args.data, cfg)
+    report_captions(args.data)
+    return 0
+
+
+def report_captions(data) -> None:
+    """The statistics in the terminal and DATA/reports/captions.html."""
+    from captioning.stats import caption_stats, format_stats, write_captions_report
+
+    print(format_stats(caption_stats(data)))
+    print(f"caption: report at {write_captions_report(data)}")
