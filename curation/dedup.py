@@ -34,6 +34,7 @@ def find_duplicates(
     rank: np.ndarray | None,
     cfg: DedupConfig,
     thumbs: np.ndarray | None = None,
+    clip_pairs: np.ndarray | None = None,
 ) -> dict[str, str]:
     """{duplicate key: key of the kept copy} over N images; images without duplicates are absent.
 
@@ -41,6 +42,7 @@ def find_duplicates(
     here if they are not); rank: (N,) higher is better (aesthetic or clip score; NaN = worst), used by keep="best".
     thumbs: (N, 8, 8, 3) uint8 thumbnails (pixel_filters.thumbnail); when given, a pHash pair counts only if
     no thumbnail value differs by more than cfg.phash_verify_max_diff.
+    clip_pairs: (E, 2) index pairs already found by CLIP (dedup_spill, for embeddings that do not fit in memory).
     Kept copy: keep="first" → smallest key; keep="best" → highest rank, ties → smallest key.
     """
     from scipy.sparse import coo_matrix
@@ -59,6 +61,8 @@ def find_duplicates(
         edges.append(pairs if thumbs is None else confirm_pairs(pairs, thumbs, cfg.phash_verify_max_diff))
     if cfg.clip and embeddings is not None:
         edges.append(clip_edges(embeddings, cfg.clip_threshold, cfg.cluster_size))
+    if cfg.clip and clip_pairs is not None:
+        edges.append(np.asarray(clip_pairs, np.int64).reshape(-1, 2))
     pairs = np.concatenate(edges) if edges else np.empty((0, 2), np.int64)
     graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)

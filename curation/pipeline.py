@@ -80,31 +80,63 @@ def filter_shards(data: Path, cfg: CurateConfig) -> list[dict]:
     return stats
 
 
-def read_filtered(data: Path) -> pd.DataFrame:
+def read_filtered(data: Path, columns: list[str] | None = None) -> pd.DataFrame:
     parts = sorted((data / "filtered").glob("*.parquet"))
     if not parts:
-        return FILTERED_SCHEMA.empty_table().to_pandas()
-    return pa.concat_tables(pq.read_table(p) for p in parts).to_pandas()
+        return FILTERED_SCHEMA.empty_table().select(columns or FILTERED_SCHEMA.names).to_pandas()
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in parts).to_pandas()
 
 
-def dedup(filtered: pd.DataFrame, cfg: CurateConfig) -> dict[str, str]:
+def _embedding_batches(data: Path, index: dict[str, int]):
+    """() -> iterator of (global index (m,), embeddings (m, D)) of the dedup candidates, one filtered shard at a
+    time: the embeddings are never all in memory unless they fit (see clip_pairs)."""
+    def batches():
+        for part in sorted((data / "filtered").glob("*.parquet")):
+            table = pq.read_table(part, columns=["key", "embedding"]).to_pandas()
+            table = table[table["key"].isin(index) & table["embedding"].notna()]
+            if len(table):
+                yield table["key"].map(index).to_numpy(np.int64), np.stack(table["embedding"].to_numpy())
+    return batches
+
+
+def clip_pairs(data: Path, keys: list[str], cfg: CurateConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(embeddings (N, D), None) when they fit in dedup.memory_mb, else (None, pairs (E, 2)) from the spilled
+    search; (None, None) when there are no embeddings (no CLIP configured)."""
+    from curation.dedup_spill import clip_edges_spilled
+
+    index = {k: i for i, k in enumerate(keys)}
+    batches = _embedding_batches(data, index)
+    first = next(iter(batches()), None)
+    if not cfg.dedup.clip or first is None:
+        return None, None
+    if len(keys) * first[1].shape[1] * 4 <= cfg.dedup.memory_mb * 2**20:
+        embeddings = np.zeros((len(keys), first[1].shape[1]), np.float32)
+        for idx, emb in batches():
+            embeddings[idx] = emb
+        return embeddings, None
+    return None, clip_edges_spilled(batches, len(keys), cfg.dedup.clip_threshold, cfg.dedup.cluster_size,
+                                    data / "dedup" / "partitions")
+
+
+def dedup(data: Path, filtered: pd.DataFrame, cfg: CurateConfig) -> dict[str, str]:
     """duplicate key → kept key, over the rows that every other filter kept."""
     cands = filtered[filtered["reject_reason"].isna()].sort_values("key")
     if len(cands) < 2:
         return {}
-    has_emb = cfg.dedup.clip and cands["embedding"].notna().all()
-    embeddings = np.stack(cands["embedding"].to_numpy()).astype(np.float32) if has_emb else None
+    keys = cands["key"].tolist()
     rank_col = "aesthetic" if cands["aesthetic"].notna().any() else "clip_score"
     rank = cands[rank_col].to_numpy(dtype=np.float64) if cands[rank_col].notna().any() else None
     with tqdm(total=1, desc="dedup", unit="pass") as bar:
+        embeddings, pairs = clip_pairs(data, keys, cfg)
         dups = find_duplicates(
-            keys=cands["key"].tolist(),
+            keys=keys,
             exact=cands["exact_hash"].tolist(),
             phash=cands["phash"].to_numpy(dtype=np.int64),
             embeddings=embeddings,
             rank=rank,
             cfg=cfg.dedup,
             thumbs=np.stack([np.frombuffer(t, np.uint8) for t in cands["thumb"]]),
+            clip_pairs=pairs,
         )
         bar.update(1)
     return dups
@@ -114,7 +146,7 @@ def build_manifest(inputs: pd.DataFrame, refused: dict[str, str], filtered: pd.D
                    dups: dict[str, str], extra_cols: list[str]) -> pd.DataFrame:
     """One row per input URL, in key order, rejected rows included."""
     base = inputs[["key", "url", "alt_text", *extra_cols]]
-    results = filtered.drop(columns=["exact_hash", "phash", "thumb", "embedding"]).set_index("key")
+    results = filtered.drop(columns=["exact_hash", "phash", "thumb"]).set_index("key")
     m = base.join(results, on="key")
     unsafe = m["key"].map(refused)
     m.loc[unsafe.notna(), ["status", "error", "reject_reason"]] = STATUS_FAILED_DOWNLOAD, None, "unsafe_url"
@@ -166,9 +198,9 @@ def curate(urls: str | Path, data: str | Path, cfg: CurateConfig, ray_address: s
         with timings("filter"):
             filter_shards(data, cfg)
 
-    filtered = read_filtered(data)
+    filtered = read_filtered(data, [c for c in FILTERED_SCHEMA.names if c != "embedding"])
     with timings("dedup"):
-        dups = dedup(filtered, cfg)
+        dups = dedup(data, filtered, cfg)
     manifest = build_manifest(inputs, refused, filtered, dups, extra_cols)
     table = write_manifest(manifest, data)
     timings.write(data / "reports" / "timings.json", rows=len(inputs), downloaded=len(safe))

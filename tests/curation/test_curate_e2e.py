@@ -238,5 +238,12 @@ def test_tiny_clip_model_filter_path(world, manifest, tmp_path):
     # and some fail; every failure is reported as the watermark check, and only rows that passed pixels ran CLIP
     assert set(scored["reject_reason"].dropna()) <= {"watermark"}
     assert rows.loc[rows["reject_reason"].isin(["blur", "min_area", "aspect"]), "clip_score"].isna().all()
-    # dedup uses the embeddings when they exist (exact copies are cosine 1 apart)
-    assert len(dedup(rows, cfg)) >= 1
+    # dedup uses the embeddings when they exist (exact copies are cosine 1 apart), in memory or spilled to disk
+    no_emb = rows.drop(columns="embedding")
+    in_memory = dedup(data, no_emb, cfg)
+    assert len(in_memory) >= 1
+    spill = cfg.dedup.model_copy(update={"memory_mb": 0.001, "cluster_size": 16, "exact": False, "phash": False})
+    spilled = dedup(data, no_emb, cfg.model_copy(update={"dedup": spill}))
+    assert spilled and set(spilled) <= set(in_memory)  # fewer edges across partitions, never new duplicates
+    clip_only = cfg.dedup.model_copy(update={"exact": False, "phash": False})
+    assert dedup(data, no_emb, cfg.model_copy(update={"dedup": clip_only}))  # CLIP alone finds the exact copies
