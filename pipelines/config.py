@@ -19,12 +19,14 @@ from pydantic import BaseModel, ValidationError
 from captioning.config import CaptionConfig
 from curation.config import CurateConfig
 from scenes.config import ScenesConfig
+from training.precompute_config import PrecomputeConfig
 
 # Section name -> the stage's config class. Later stages add theirs here.
 SECTIONS: dict[str, type[BaseModel]] = {
     "scenes": ScenesConfig,
     "curate": CurateConfig,
     "caption": CaptionConfig,
+    "precompute": PrecomputeConfig,
 }
 
 C = TypeVar("C", bound=BaseModel)

@@ -1,9 +1,10 @@
 """The embedded default, offline: render synthetic scenes with web faults → serve them on loopback → curate →
-caption them densely through the local OpenAI-compatible endpoint (which knows only the synthetic scenes).
+caption them densely through the local OpenAI-compatible endpoint (which knows only the synthetic scenes) →
+precompute 32² pixel latents and MiniLM text features into bucketed training shards.
 
     lensforge demo --out demo-out          (what `make demo` runs)
 
-Later stages (precompute, train, generate) join this flow as they land. Settings: configs/demo.yaml,
+Later stages (train, generate) join this flow as they land. Settings: configs/demo.yaml,
 which every stage command accepts with --config, so each step can be rerun by hand.
 """
 
@@ -24,6 +25,7 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[
     from curation.pipeline import curate
     from pipelines.commands.caption import report_captions
     from scenes import render_dataset, start_server
+    from training.precompute import precompute
 
     out = Path(out)
     config = Path(config) if config else DEMO_CONFIG
@@ -54,10 +56,14 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[
     finally:
         endpoint.stop()
 
+    precompute(data_dir, load_section("precompute", str(config), overrides))
+
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     print(f"  manifest: {data_dir / 'manifest'}")
     print(f"  captions: {data_dir / 'captions'}")
-    print(f"  reports:  {data_dir / 'reports' / 'curation.html'}, {data_dir / 'reports' / 'captions.html'}")
+    print(f"  shards:   {data_dir / 'shards'}")
+    reports = ", ".join(str(data_dir / "reports" / name) for name in ("curation.html", "captions.html", "buckets.html"))
+    print(f"  reports:  {reports}")
     print("next: your own URL list and a real captioner (any OpenAI-compatible endpoint):\n"
           f"  lensforge curate --urls my_urls.parquet --out my-data --config {config}\n"
           "  lensforge caption --data my-data --model gpt-4.1-mini --dry-run      # estimate tokens and cost first\n"
