@@ -12,49 +12,19 @@ from __future__ import annotations
 
 import base64
 import io
-import tarfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image as PILImage
 
 from captioning.config import CaptionConfig
-
-TAR_INDEX_CACHE = 8  # tars whose member index stays in memory (a 10k-sample tar's index is ~1 MB)
-_index_cache: OrderedDict[Path, dict[str, tuple[int, int]]] = OrderedDict()
-
+from curation.download import read_members
 
 @dataclass(frozen=True)
 class Image:
     data_url: str  # data:image/jpeg;base64,...
     width: int  # as sent, after resizing
     height: int
-
-
-def tar_index(path: Path) -> dict[str, tuple[int, int]]:
-    """member name → (data offset, size), cached per tar."""
-    if path in _index_cache:
-        _index_cache.move_to_end(path)
-        return _index_cache[path]
-    with tarfile.open(path) as tar:
-        index = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
-    _index_cache[path] = index
-    while len(_index_cache) > TAR_INDEX_CACHE:
-        _index_cache.popitem(last=False)
-    return index
-
-
-def read_members(tar_path: Path, members: list[str]) -> dict[str, bytes]:
-    """The bytes of `members` of one tar (absent members are left out), with one open of the file."""
-    index = tar_index(tar_path)
-    out = {}
-    with open(tar_path, "rb") as f:
-        for name in sorted(set(members) & set(index), key=lambda n: index[n][0]):  # sequential reads
-            offset, size = index[name]
-            f.seek(offset)
-            out[name] = f.read(size)
-    return out
 
 
 def prepare(raw: bytes, max_side: int, quality: int) -> Image:

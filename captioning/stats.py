@@ -20,9 +20,7 @@ download is involved.
 
 from __future__ import annotations
 
-import io
 import re
-import tarfile
 from collections import defaultdict
 from html import escape
 from pathlib import Path
@@ -30,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 
 from captioning.checks import words as word_count
 from captioning.schema import STATUS_ERROR, STATUS_OK, STATUS_REFUSED, latest_captions, read_captions
-from curation.html import figure_tag, image_tag, new_figure, table_html, write_page
+from curation.html import figure_tag, new_figure, table_html, write_page
 from curation.manifest import read_manifest
+from curation.report import download_thumbnails
 
 WORD_RE = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
 HIST_MAX_BINS = 30
@@ -204,35 +202,9 @@ def _histograms(stats: dict[str, dict]) -> str:
 
 
 def _thumbnails(download_dir: Path, where: dict[str, tuple[str, str]], max_side: int) -> dict[str, str]:
-    """{key: <img> tag or a 'no image: ...' note} for keys located at (shard, member) in DATA/download tars; each
-    tar is opened once and read only until its wanted members were seen."""
-    by_shard: dict[str, dict[str, str]] = defaultdict(dict)
-    for key, (shard, member) in where.items():
-        by_shard[shard][member] = key
-    out = {}
-    for shard, members in by_shard.items():
-        left = dict(members)
-        try:
-            with tarfile.open(download_dir / shard) as tar:
-                for info in tar:
-                    key = left.pop(info.name, None)
-                    if key is None:
-                        continue
-                    try:
-                        img = Image.open(io.BytesIO(tar.extractfile(info).read()))
-                        img.draft("RGB", (max_side * 2, max_side * 2))  # JPEG: decode at reduced scale
-                        out[key] = image_tag(img, max_side=max_side, title=key, alt=key)
-                    except Exception as err:  # one corrupt member must not sink the report
-                        out[key] = f"no image: cannot decode {info.name}: {err}"
-                    if not left:
-                        break
-        except (OSError, tarfile.TarError) as err:
-            for key in left.values():
-                out[key] = f"no image: cannot read {shard}: {err}"
-            continue
-        for member, key in left.items():
-            out[key] = f"no image: {member} not in {shard}"
-    return out
+    """{key: <img> tag or a 'no image: ...' note} for keys located at (shard, member) in DATA/download tars."""
+    tags = download_thumbnails(download_dir, where, max_side)
+    return {k: ("no image: " + v[len("thumbnail: "):] if v.startswith("thumbnail: ") else v) for k, v in tags.items()}
 
 
 def _samples(data: Path, latest: pa.Table, n: int, max_side: int) -> str:

@@ -11,7 +11,9 @@ Output: DATA/download/{shard:05d}.tar (+ .parquet and _stats.json per finished s
 from __future__ import annotations
 
 import os
+import tarfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,6 +24,9 @@ from curation.config import CurateConfig
 from curation.ray_runtime import QUIET_ENV
 from curation.safety import POLICY_ENV, UrlPolicy
 
+
+TAR_INDEX_CACHE = 8  # tars whose member index stays in memory (a 10k-sample tar's index is ~1 MB)
+_index_cache: OrderedDict[tuple, dict[str, tuple[int, int]]] = OrderedDict()
 
 KEY_COLUMN = "lf_key"  # img2dataset reserves "key"; ours travels as an additional column
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
@@ -101,3 +106,30 @@ def download(input_parquet: Path, download_dir: Path, n_rows: int, cfg: CurateCo
     finally:
         stop.set()
         watcher.join()
+
+
+def tar_index(path: Path) -> dict[str, tuple[int, int]]:
+    """member name → (data offset, size) of one download tar, from its headers; cached per file version."""
+    stat = Path(path).stat()
+    cache_key = (str(path), stat.st_mtime_ns, stat.st_size)  # a rewritten tar (a redone shard) is indexed anew
+    if cache_key in _index_cache:
+        _index_cache.move_to_end(cache_key)
+        return _index_cache[cache_key]
+    with tarfile.open(path) as tar:
+        index = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+    _index_cache[cache_key] = index
+    while len(_index_cache) > TAR_INDEX_CACHE:
+        _index_cache.popitem(last=False)
+    return index
+
+
+def read_members(tar_path: Path, members: list[str]) -> dict[str, bytes]:
+    """The bytes of `members` of one tar (absent members are left out), with one open of the file."""
+    index = tar_index(tar_path)
+    out = {}
+    with open(tar_path, "rb") as f:
+        for name in sorted(set(members) & set(index), key=lambda n: index[n][0]):  # sequential reads
+            offset, size = index[name]
+            f.seek(offset)
+            out[name] = f.read(size)
+    return out

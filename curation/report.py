@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from curation.config import CurateConfig
+from curation.download import read_members
 from curation.funnel import funnel
 from curation.html import figure_tag, image_tag, new_figure, table_html, write_page
 from curation.manifest import MANIFEST_COLUMNS, REJECT_REASONS, SCORE_COLUMNS
@@ -215,36 +216,38 @@ def _hover(row: dict) -> str:
     return "\n".join(lines)
 
 
-def _read_thumbnails(download_dir: Path, rows: dict[int, dict], max_side: int) -> dict[int, str]:
-    """{row index: <img> tag, or an error text starting with 'thumbnail: '}. Each tar is opened once and
-    scanned only until every wanted member was seen; images are thumbnailed as they are read."""
-    wanted: dict[str, dict[str, int]] = defaultdict(dict)
-    for i, row in rows.items():
-        wanted[row["shard"]][row["member"]] = i
-    out: dict[int, str] = {}
+def download_thumbnails(download_dir: Path, where: dict, max_side: int, title=None) -> dict:
+    """{id: <img> tag, or an error text starting with 'thumbnail: '} for ids located at (shard, member) in the
+    DATA/download tars; each tar is opened once (curation.download.read_members). `title(id)` gives hover text.
+    Shared by every report that shows downloaded images (curation, captions)."""
+    wanted: dict[str, dict[str, object]] = defaultdict(dict)
+    for ident, (shard, member) in where.items():
+        wanted[shard][member] = ident
+    out: dict = {}
     for shard, members in wanted.items():
-        left = dict(members)
         try:
-            with tarfile.open(download_dir / shard) as tar:
-                for info in tar:
-                    i = left.pop(info.name, None)
-                    if i is None:
-                        continue
-                    try:
-                        img = Image.open(io.BytesIO(tar.extractfile(info).read()))
-                        img.draft("RGB", (max_side * 2, max_side * 2))  # JPEG: decode at reduced scale
-                        out[i] = image_tag(img, max_side=max_side, title=_hover(rows[i]), alt=rows[i]["key"])
-                    except Exception as err:  # a corrupt member must not sink the whole report
-                        out[i] = f"thumbnail: cannot decode {info.name}: {err}"
-                    if not left:
-                        break
+            blobs = read_members(download_dir / shard, list(members))
         except (OSError, tarfile.TarError) as err:
-            for i in left.values():
-                out[i] = f"thumbnail: cannot read {shard}: {err}"
+            out.update({ident: f"thumbnail: cannot read {shard}: {err}" for ident in members.values()})
             continue
-        for member, i in left.items():
-            out[i] = f"thumbnail: {member} not in {shard}"
+        for member, ident in members.items():
+            if member not in blobs:
+                out[ident] = f"thumbnail: {member} not in {shard}"
+                continue
+            try:
+                img = Image.open(io.BytesIO(blobs[member]))
+                img.draft("RGB", (max_side * 2, max_side * 2))  # JPEG: decode at reduced scale
+                hover = title(ident) if title else str(ident)
+                out[ident] = image_tag(img, max_side=max_side, title=hover, alt=str(ident))
+            except Exception as err:  # a corrupt member must not sink the whole report
+                out[ident] = f"thumbnail: cannot decode {member}: {err}"
     return out
+
+
+def _read_thumbnails(download_dir: Path, rows: dict[int, dict], max_side: int) -> dict[int, str]:
+    """{row index: <img> tag, or an error text starting with 'thumbnail: '}."""
+    where = {i: (row["shard"], row["member"]) for i, row in rows.items()}
+    return download_thumbnails(download_dir, where, max_side, title=lambda i: _hover(rows[i]))
 
 
 def _pick(manifest: pa.Table, kept: np.ndarray, n: int, reasons: list[str]) -> dict[str, tuple[list, list]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from captioning.schema import ALT_VARIANT, STATUS_OK, latest_captions
+from curation.download import tar_index
 from curation.manifest import read_manifest
 from training.buckets import BucketTable
 from training.shard_format import shard_name
@@ -62,12 +62,6 @@ def read_candidates(data: str | Path, variants: list[str]) -> tuple[pd.DataFrame
     return manifest[ok].reset_index(drop=True), skipped
 
 
-def tar_members(path: Path) -> dict[str, tuple[int, int]]:
-    """member name → (data offset, size), from the tar's headers only."""
-    with tarfile.open(path) as tar:
-        return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
-
-
 def header_size(raw: bytes) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation 5-8 swaps the sides), from the header alone."""
     with Image.open(io.BytesIO(raw)) as im:
@@ -89,7 +83,7 @@ def locate_images(data: str | Path, rows: pd.DataFrame) -> tuple[pd.DataFrame, l
         else:
             if row.shard_in not in members:
                 path = download / row.shard_in
-                members[row.shard_in] = tar_members(path) if path.is_file() else {}
+                members[row.shard_in] = tar_index(path) if path.is_file() else {}
             if row.member not in members[row.shard_in]:
                 error = f"image {row.member} not found in download/{row.shard_in}"
         offset, size = members[row.shard_in][row.member] if error is None else (0, 0)
