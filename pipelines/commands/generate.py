@@ -63,21 +63,35 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def rewrite_prompts(prompts: list[str], base_url: str | None, model: str) -> list[str]:
-    """Each prompt expanded by a chat model at an OpenAI-compatible endpoint."""
+    """Each prompt expanded by a chat model at an OpenAI-compatible endpoint, through the captioning client
+    (its retries, rate control and key handling: OPENAI_API_KEY, or none needed for a loopback endpoint)."""
     if not base_url:
         raise ValueError("--rewrite needs --rewrite-base-url (or OPENAI_BASE_URL)")
-    from openai import OpenAI
+    import asyncio
 
-    client = OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"), max_retries=2)
-    out = []
-    for prompt in prompts:
-        reply = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "system", "content": REWRITE_PROMPT}, {"role": "user", "content": prompt}],
-            temperature=0.0,
-        )
-        out.append((reply.choices[0].message.content or "").strip() or prompt)
-    return out
+    from captioning.client import Sender, make_client, resolve_api_key
+    from captioning.config import CaptionConfig
+
+    cfg = CaptionConfig(base_url=base_url, model=model)
+
+    async def run() -> list[str]:
+        api_key = resolve_api_key(cfg)
+        client = make_client(cfg, api_key)
+        sender, out = Sender(client, cfg, api_key), []
+        try:
+            for i, prompt in enumerate(prompts):
+                body = {"model": model, "temperature": 0.0, "messages": [
+                    {"role": "system", "content": REWRITE_PROMPT}, {"role": "user", "content": prompt}]}
+                answer = await sender.send(body, f"prompt-{i}")
+                if answer.body is None:
+                    raise ValueError(f"prompt rewriting failed: {answer.error}")
+                text = answer.body["choices"][0]["message"].get("content") or ""
+                out.append(text.strip() or prompt)
+        finally:
+            await client.close()
+        return out
+
+    return asyncio.run(run())
 
 
 def check_args(args: argparse.Namespace) -> None:
