@@ -20,6 +20,7 @@ from captioning.config import CaptionConfig
 from curation.config import CurateConfig
 from scenes.config import ScenesConfig
 from training.precompute_config import PrecomputeConfig
+from training.train_config import TrainConfig
 
 # Section name -> the stage's config class. Later stages add theirs here.
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -27,6 +28,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "curate": CurateConfig,
     "caption": CaptionConfig,
     "precompute": PrecomputeConfig,
+    "train": TrainConfig,
 }
 
 C = TypeVar("C", bound=BaseModel)

@@ -1,0 +1,55 @@
+"""`lensforge train --data DATA --out RUN [--preset tiny|small|lens-3.8b] [--config F] [--set train.K=V]
+[--max-steps N] [--checkpoint-every N] [--log-every N] [--resume]`
+
+Several processes or nodes: `torchrun --nproc-per-node K -m pipelines.cli train ...` (DDP by default,
+`--set train.parallel.strategy=fsdp` for FSDP2). Writes RUN/config.json, RUN/metrics.jsonl,
+RUN/checkpoints/step_XXXXXXXX/ (which `lensforge generate --run RUN` reads) and RUN/samples/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipelines.config import add_config_args, load_section
+
+NAME = "train"
+HELP = "train the Lens MMDiT on precomputed shards (rectified flow; DDP or FSDP2 under torchrun; resumable)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from inference.config import list_models
+
+    parser.add_argument("--data", required=True, metavar="DATA", help="data directory (DATA/shards/<set_id>) or "
+                        "one shard set directory")
+    parser.add_argument("--out", required=True, metavar="RUN", help="run directory (created)")
+    parser.add_argument("--preset", choices=list_models(), default=None, help="model preset (default: the "
+                        "config's, tiny)")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=None)
+    parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    add_config_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_section("train", args.config, args.overrides, preset=args.preset, max_steps=args.max_steps,
+                       checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+    from training.trainer import TrainingStopped, train
+
+    try:
+        result = train(cfg, args.data, args.out, resume=args.resume)
+    except TrainingStopped as err:
+        print(f"lensforge: {err}", file=sys.stderr)
+        return 3
+    if result.get("checkpoint"):
+        print(f"train: step {result['step']}, checkpoint {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":  # `python -m pipelines.commands.train ...` works before `train` is in pipelines/cli.py
+    from pipelines import cli
+
+    if NAME not in cli.COMMAND_MODULES:
+        cli.COMMAND_MODULES.append(NAME)
+    sys.exit(cli.main([NAME, *sys.argv[1:]]))

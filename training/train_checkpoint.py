@@ -1,0 +1,157 @@
+"""Training checkpoints: `RUN/checkpoints/step_XXXXXXXX/`, written under a temporary name and renamed.
+
+    step_00001000/
+        model.safetensors, ema.safetensors, model_config.json   inference/checkpoint.py's layout (`lensforge
+                                                                 generate --run RUN` reads it); fp32 weights
+        optimizer/                                               torch.distributed.checkpoint: one file per rank
+                                                                 under FSDP (sharded state), loadable at another
+                                                                 world size
+        trainer_state.json                                       step, config, per rank: data position and RNG
+                                                                 states
+
+A crash at any moment leaves either the previous complete checkpoint or the new one as the latest (only `step_*`
+directories count; `.tmp-step_*` ones are incomplete and removed at the next start). Keep-last-K prunes after the
+rename.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from inference.checkpoint import CheckpointSpec, save_checkpoint
+from inference.mmdit import MMDiT
+from training.ema import EMA
+from training.parallel import Dist, gather_objects
+
+STATE_FILE = "trainer_state.json"
+OPTIM_DIR = "optimizer"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(run: str | Path, step: int) -> Path:
+    return Path(run) / "checkpoints" / f"step_{step:08d}"
+
+
+def complete_checkpoints(run: str | Path) -> list[Path]:
+    """Step directories with a trainer state, oldest first."""
+    ckpts = Path(run) / "checkpoints"
+    found = [p for p in ckpts.glob("step_*") if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def remove_incomplete(run: str | Path) -> None:
+    for tmp in (Path(run) / "checkpoints").glob(".tmp-step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- RNG states as JSON ---------------------------------------------------------------------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": _b64(torch.get_rng_state()), "python": [random.getstate()[0], list(random.getstate()[1]),
+                                                               random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    if device.type == "cuda":
+        state["cuda"] = _b64(torch.cuda.get_rng_state(device))
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(tensor(state["cuda"]), device)
+
+
+# --- save and load --------------------------------------------------------------------------------------------------
+
+
+def save(run: str | Path, step: int, model: nn.Module, optim: torch.optim.Optimizer, ema: EMA,
+         spec: CheckpointSpec, rank_state: dict, extra: dict, d: Dist, keep: int) -> Path | None:
+    """Every rank calls it (collectives under FSDP and for DCP). Returns the directory on rank 0."""
+    final, tmp = step_dir(run, step), step_dir(run, step).with_name(f".tmp-step_{step:08d}")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ema_state = ema.full_state()
+    with warnings.catch_warnings():  # DCP warns that a single process saves alone: it is meant to
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optim)}, checkpoint_id=str(tmp / OPTIM_DIR),
+                 no_dist=not d.enabled)
+    ranks = gather_objects(rank_state, d)
+    if d.main:
+        if set(ema_state) != set(weights):
+            raise RuntimeError(f"EMA names differ from the model's: {sorted(set(ema_state) ^ set(weights))[:4]}")
+        with torch.device("meta"):
+            plain = MMDiT(spec.model)
+        plain.load_state_dict(weights, strict=True, assign=True)
+        save_checkpoint(tmp, plain, spec, ema=ema_state)
+        state = {"step": step, "world_size": d.world, **extra, "ranks": ranks}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(run)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final if d.main else None
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def load_weights(ckpt: Path, model: MMDiT) -> None:
+    """model.safetensors into the plain model (before parallelize)."""
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+
+
+def load_ema(ckpt: Path, ema: EMA) -> None:
+    ema.load_full_state(load_file(str(ckpt / "ema.safetensors")))
+
+
+def load_optimizer(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer) -> None:
+    """The optimizer state from DCP, resharded to this run's layout (every rank calls it).
+
+    Parameters that never had a gradient (the last block's text stream) have no AdamW state in the file; the
+    template drops them too, so they stay stateless exactly as in the run that wrote it."""
+    template = get_optimizer_state_dict(model, optim)  # allocates state for every parameter (a zero-lr step)
+    saved = dcp.FileSystemReader(str(ckpt / OPTIM_DIR)).read_metadata().state_dict_metadata
+    template["state"] = {name: s for name, s in template["state"].items()
+                         if any(k.startswith(f"optimizer.state.{name}.") for k in saved)}
+    state = {"optimizer": template}
+    dcp.load(state, checkpoint_id=str(ckpt / OPTIM_DIR), no_dist=not (dist.is_available() and dist.is_initialized()))
+    set_optimizer_state_dict(model, optim, state["optimizer"], options=StateDictOptions(strict=False))

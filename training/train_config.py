@@ -1,0 +1,144 @@
+"""Typed configuration of `lensforge train` (the `train:` section of a lensforge YAML file).
+
+    train:
+      preset: small
+      model: {prediction: x}                 # any ModelConfig field, over the preset
+      data: {captions: {dense: 0.5, alt: 0.5}, batch_sizes: {512: 24, 768: 10, 1024: 6}}
+      optim: {lr: 2.0e-4, betas: [0.9, 0.999], grad_clip: 1.0}
+      parallel: {strategy: fsdp, activation_checkpointing: true}
+
+This module imports no torch, so every `lensforge` command starts fast. Lens's published choices are the defaults
+where a choice is Lens's (AdamW 0.9/0.999, constant LR 2e-4, clip 1.0, caption dropout 0.1); CPU-RECIPES.md's
+tiny-model recipe is spelled out in tests/training/test_learns.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from inference.config import ModelConfig, get_preset, list_models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    shard_set: str | None = Field(None, description="set id under DATA/shards; None = the set matching this config")
+    captions: dict[str, float] = Field({"dense": 1.0}, description="caption variant → probability, per sample")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="empty caption (no text tokens) for CFG")
+    batch_size: int = Field(64, ge=1, description="micro-batch per rank for base sides not in batch_sizes")
+    batch_sizes: dict[int, int] = Field({}, description="base side → micro-batch per rank (Lens: 512: 24, 768: "
+                                        "10, 1024: 6), so that every rank's step takes about as long")
+    shuffle_buffer: int = Field(256, ge=1, description="samples shuffled together within a shard")
+    prefetch: int = Field(4, ge=0, description="batches a background thread prepares ahead on CUDA; 0 = inline. "
+                          "On a CPU device loading is inline: a thread there slows the step more than it saves")
+    holdout: float = Field(0.0, ge=0, lt=1, description="fraction of keys (by hash) kept out of training for val")
+
+    @field_validator("captions")
+    @classmethod
+    def _mix(cls, mix: dict[str, float]) -> dict[str, float]:
+        if not mix or any(p < 0 for p in mix.values()) or sum(mix.values()) <= 0:
+            raise ValueError(f"caption mix {mix} needs at least one variant with a positive weight")
+        return mix
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, sizes: dict[int, int]) -> dict[int, int]:
+        if any(b < 1 for b in sizes.values()):
+            raise ValueError(f"batch sizes must be ≥ 1: {sizes}")
+        return sizes
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(2e-4, gt=0, description="Lens: constant 2e-4")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0, then constant")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; None = no clipping")
+
+
+class EMAConfig(_Strict):
+    decay: float = Field(0.9999, ge=0, lt=1)
+    device: Literal["same", "cpu"] = Field("same", description="cpu keeps the EMA off the accelerator")
+    every: int = Field(1, ge=1, description="update every N steps (decay applied as decay^N)")
+
+
+class ParallelConfig(_Strict):
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="with several processes (torchrun)")
+    activation_checkpointing: bool = Field(False, description="recompute each block in the backward")
+    compile: bool = Field(False, description="torch.compile each block")
+    reshard_after_forward: bool = Field(True, description="FSDP: free gathered block weights after forward")
+
+
+class ValConfig(_Strict):
+    every: int = Field(0, ge=0, description="validation loss every N steps; 0 = off (needs data.holdout > 0)")
+    samples: int = Field(64, ge=1, description="held-out samples used (the first ones found, fixed)")
+    timesteps: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class SampleConfig(_Strict):
+    every: int = Field(0, ge=0, description="sample grid from the EMA weights every N steps; 0 = off")
+    prompts: list[str] = Field([
+        "One object on a plain white background. A large red circle in the top left.",
+        "One object on a plain black background. A large blue square in the center.",
+        "One object on a plain gray background. A large yellow triangle in the bottom right.",
+        "One object on a plain white background. A large green star in the middle left.",
+    ], min_length=1)
+    steps: int = Field(25, ge=1)
+    cfg: float = Field(4.0, ge=0)
+    seed: int = 0
+    size: int | None = Field(None, ge=16, description="square side in pixels; None = the model's base_size")
+
+
+class TrainConfig(_Strict):
+    preset: str = Field("tiny", description=f"model preset: {', '.join(list_models())}")
+    model: dict[str, Any] = Field({}, description="ModelConfig fields over the preset, e.g. {prediction: x}")
+    codec: str = Field("pixel", description="what the shards' latents were made with; sampling uses it")
+    text_encoder: str = Field("minilm", description="what the shards' text features were made with")
+    encoders: dict[str, Any] = Field({}, description="further encoders.json fields the shards must match")
+
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    ema: EMAConfig = EMAConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    val: ValConfig = ValConfig()
+    sample: SampleConfig = SampleConfig()
+
+    seed: int = 0
+    max_steps: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1, description="keep the last K step directories")
+    log_every: int = Field(10, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    device: str = Field("auto", description="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
+    deterministic: bool = Field(False, description="deterministic kernels (the resume test's bitwise mode)")
+    max_bad_steps: int = Field(10, ge=1, description="consecutive non-finite steps before training stops")
+    peak_tflops: float | None = Field(None, gt=0, description="per-device peak for MFU (H100 bf16 dense: 989)")
+    progress: bool = Field(True, description="tqdm progress bar on rank 0")
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, name: str) -> str:
+        get_preset(name)  # LookupError naming the known presets
+        return name
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        self.model_config_resolved()  # fail at load time on a bad override
+        if self.val.every and not self.data.holdout:
+            raise ValueError("val.every > 0 needs data.holdout > 0 (a held-out set)")
+        return self
+
+    def model_config_resolved(self) -> ModelConfig:
+        base = get_preset(self.preset)
+        if not self.model:
+            return base
+        return ModelConfig.model_validate({**base.model_dump(), **self.model})
+
+    def batch_size_for(self, base: int) -> int:
+        return self.data.batch_sizes.get(base, self.data.batch_size)
