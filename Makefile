@@ -31,9 +31,9 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q
 
-# Each script prints ratios against a peer measured in the same run.
+# Each script prints ratios against a peer measured in the same run; all of them together → BENCHMARKS.md.
 bench: install
-	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+	$(BIN)/python -m bench.write_benchmarks
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -36,6 +36,7 @@ from captioning.client import Sender, make_client  # noqa: E402
 from captioning.config import CaptionConfig  # noqa: E402
 from captioning.presets import PRESETS  # noqa: E402
 from captioning.request import build_request  # noqa: E402
+from bench.report import emit, row  # noqa: E402
 
 SETTLE_S = 1.0  # seconds of a run before req/s is counted (connections, AIMD, the first wave of answers)
 SERVER = "from captioning.endpoint import serve; import sys; serve('127.0.0.1', int(sys.argv[1]), latency_s={})"
@@ -164,6 +165,13 @@ def main() -> None:
         results["sequential_rps"] = seq
         print(f"naive loop (sync client, 1 at a time): {seq:.1f} req/s of a {1 / args.latency_s:.0f} req/s ceiling; "
               f"64 in flight is {results.get('in_flight_64', {}).get('rps', float('nan')) / seq:.0f}x faster")
+        emit([row("caption", f"requests/s at {n} in flight, {args.latency_s:g} s endpoint latency", r["rps"], "req/s",
+                  peer=r["limit"], peer_name=f"ceiling {n} / {args.latency_s:g} s", goal=">= 0.8" if n == 64 else "")
+              for n, r in ((n, results[f"in_flight_{n}"]) for n in levels)]
+             + [row("caption", f"client CPU per request at {n} in flight (openai client on aiohttp)",
+                    results[f"in_flight_{n}"]["cpu_ms"], "ms", goal="<= 2", goal_of="value") for n in levels]
+             + [row("caption", "naive loop (sync client, 1 at a time)", seq, "req/s", peer=1 / args.latency_s,
+                    peer_name=f"ceiling 1 / {args.latency_s:g} s")])
     finally:
         proc.terminate()
         proc.wait(10)

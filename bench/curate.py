@@ -28,6 +28,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHARD_SIZE, THREADS, PROCESSES = 500, 32, 2
+sys.path.insert(0, str(REPO))  # bench.report, also for `python bench/curate.py`
+from bench.report import emit, row  # noqa: E402
+
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -100,6 +103,9 @@ def main() -> None:
     print(f"\ncuration, {args.n} x 256² JPEG over loopback, {os.cpu_count()} cores, median of {args.repeats}")
     for name, value, note in rows:
         print(f"  {name:<45} {value:>8}  {note}")
+    emit([row("curate", f"download stage (img2dataset on Ray + URL guard), {args.n} × 256² JPEG over loopback",
+              med(ours), "images/s", peer=med(raw), peer_name="raw img2dataset CLI", goal=">= 0.9"),
+          row("curate", "pixel filters + dedup", med(filt), "images/s per core")])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,6 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from inference.config import get_preset
 from inference.flow import RectifiedFlow, initial_noise
 from inference.mmdit import MMDiT
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.report, also for `python bench/model.py`
+from bench.report import emit, row  # noqa: E402
 
 aten = torch.ops.aten
 TEXT_TOKENS = 32
@@ -170,6 +175,13 @@ def main(argv=None) -> None:
     frac_ours, frac_theirs = flops_ours / min(t_ours) / peak, flops_theirs / min(t_theirs) / peak
     print(f"{'achieved / matmul FLOP/s':<30}{frac_ours:>10.1%}{frac_theirs:>18.1%}")
     print(_row(f"{args.steps}-step CFG sampling 256², s", s_ours, s_theirs))
+    emit([row("model", f"`small` train step (fwd + bwd + AdamW), 256 + {TEXT_TOKENS} tokens, batch {args.batch}, best "
+              f"of {args.repeats}", min(t_ours), "s", peer=min(t_theirs), peer_name="diffusers SD3Transformer2DModel, "
+              "same shape", goal="<= 1.0"),
+          row("model", "achieved FLOP/s of that step, % of measured matmul FLOP/s", 100 * frac_ours, "%",
+              peer=100 * frac_theirs, peer_name="SD3"),
+          row("model", f"{args.steps}-step CFG sampling at 256²", min(s_ours), "s", peer=min(s_theirs),
+              peer_name="SD3 in a plain Euler loop with CFG", goal="<= 1.0")])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import io
 import json
 import random
 import shutil
+import sys
 import tarfile
 import time
 from datetime import datetime, timezone
@@ -41,6 +42,8 @@ from training.precompute_workers import decode_batch, load_encoders
 from training.shard_format import read_index
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # bench.report, also for `python bench/precompute.py`
+from bench.report import emit, row  # noqa: E402
 
 
 def build_data(data: Path, n: int, size: int, seed: int = 0) -> None:
@@ -120,6 +123,13 @@ def main() -> None:
           f"vs padded fp32 {padded / 1e3:.1f} KB: ratio {stored / padded:.3f}")
     print(f"  for scale: one GPT-OSS caption padded to 512 tokens in fp32 = {gpt_oss / 1e6:.1f} MB "
           f"(11,520 values/token)")
+    emit([row("precompute", f"throughput (decode, resize, encode, write), {args.n} × {args.size}² scenes, pixel "
+              "codec + MiniLM", ours, "samples/s", peer=raw, peer_name="raw codec + text-encoder forward, same "
+              "batches", goal=">= 0.85"),
+          row("precompute", f"bytes stored per sample ({args.size}² pixel latent + text)", stored / 1e3, "KB",
+              peer=padded / 1e3, peer_name="text padded to 512 tokens in fp32"),
+          row("precompute", "bytes stored per sample against the estimate printed before the run", stored / 1e3,
+              "KB", peer=summary["estimate"]["per_sample"] / 1e3, peer_name="printed estimate")])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,9 @@ from pathlib import Path
 
 from training.loader import Loader, open_shard_set
 from training.train_config import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.report, also for `python bench/train.py`
+from bench.report import emit, row  # noqa: E402
 
 
 def make_shards(work: Path, samples: int) -> Path:
@@ -48,7 +52,8 @@ def loader_rate(data: Path, batch: int, batches: int) -> float:
 
 def train_run(data: Path, run: Path, batch: int, steps: int, procs: int) -> dict:
     """`lensforge train` (or torchrun with `procs` processes) for `steps` steps; the last `train` record, which
-    averages the steps after the first `steps // 2` (warm-up excluded)."""
+    averages the steps after the first `steps // 2` (warm-up excluded). A previous run in `run` is removed."""
+    shutil.rmtree(run, ignore_errors=True)
     args = ["-m", "pipelines.commands.train", "--data", str(data), "--out", str(run), "--preset", "small",
             "--max-steps", str(steps), "--log-every", str(steps // 2), "--checkpoint-every", str(10 * steps),
             "--set", f"train.data.batch_size={batch}", "--set", "train.progress=false"]
@@ -88,6 +93,14 @@ def main(argv=None) -> None:
           f"the 1-process step, for 2× the samples)")
     rates = f"{one['samples_per_s']:>12.2f} → {two['samples_per_s']:.2f}"
     print(f"{'samples/s, 1 process → DDP 2 processes':<44}{rates}")
+    emit([row("train", f"loader vs trainer, `small` preset at 64², micro-batch {args.batch}", loader, "samples/s",
+              peer=one["samples_per_s"], peer_name="trainer consumes (1 process)", goal=">= 5"),
+          row("train", "data-wait fraction during training", 100 * one["data_wait"], "%", goal="<= 5",
+              goal_of="value"),
+          row("train", "step time, DDP 2 processes (2× the samples)", two["step_s"], "s", peer=one["step_s"],
+              peer_name="1 process"),
+          row("train", "samples/s, DDP 2 processes", two["samples_per_s"], "samples/s", peer=one["samples_per_s"],
+              peer_name="1 process")])
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def format_stats(stats: dict[str, dict]) -> str:
 # --- the report ---------------------------------------------------------------------------------------------
 
 
-def _histograms(stats: dict[str, dict]) -> str:
+def words_histograms(stats: dict[str, dict]) -> str:
     charts = []
     for variant, s in stats.items():
         h = s["words_hist"]
@@ -255,7 +255,7 @@ def write_captions_report(data: str | Path, out: str | Path | None = None, sampl
     sections = [
         ("", intro),
         ("Statistics", table_html(_stats_rows(stats)) + proxy if stats else '<p class="note">No captions.</p>'),
-        ("Words per caption", _histograms(stats)),
+        ("Words per caption", words_histograms(stats)),
         ("Samples", _samples(data, latest, samples, thumb_side)),
     ]
     return write_page(out, "lensforge captions report", sections)

@@ -64,7 +64,7 @@ def _floats(array: pa.ChunkedArray) -> np.ndarray:
 # --- funnel -------------------------------------------------------------------------------------------------
 
 
-def _funnel_section(f: dict) -> str:
+def funnel_section(f: dict) -> str:
     total = f["total"]
     stages = list(f["reject_reasons"].items())
     if f["unexplained"]:
@@ -132,7 +132,7 @@ def _score_histogram(name: str, values: np.ndarray, groups: dict[str, np.ndarray
     return figure_tag(fig, alt=f"{name} histogram")
 
 
-def _scores_section(manifest: pa.Table, kept: np.ndarray, cfg: CurateConfig) -> str:
+def scores_section(manifest: pa.Table, kept: np.ndarray, cfg: CurateConfig) -> str:
     limits = thresholds(cfg)
     charts, summary, not_run = [], [], []
     for name in SCORE_COLUMNS:
@@ -338,8 +338,8 @@ def write_report(
     )
     sections = [
         ("", intro),
-        ("Funnel", _funnel_section(f)),
-        ("Scores", _scores_section(manifest, kept, cfg)),
+        ("Funnel", funnel_section(f)),
+        ("Scores", scores_section(manifest, kept, cfg)),
         ("Image sizes", _sizes_section(manifest, kept, cfg)),
         ("Kept images", kept_html),
         ("Rejected images", rejected_html),

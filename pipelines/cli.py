@@ -16,7 +16,7 @@ import os
 import sys
 
 # Import order is the order in `lensforge --help`.
-COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate", "serve_captioner", "caption", "precompute", "train", "models", "generate"]
+COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate", "serve_captioner", "caption", "precompute", "train", "run", "models", "generate", "evaluate", "doctor"]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from captioning.config import CaptionConfig
 from curation.config import CurateConfig
+from pipelines.run_config import RunConfig
 from scenes.config import ScenesConfig
 from training.precompute_config import PrecomputeConfig
 from training.train_config import TrainConfig
@@ -29,6 +30,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "caption": CaptionConfig,
     "precompute": PrecomputeConfig,
     "train": TrainConfig,
+    "run": RunConfig,
 }
 
 C = TypeVar("C", bound=BaseModel)

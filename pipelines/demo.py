@@ -1,71 +1,102 @@
 """The embedded default, offline: render synthetic scenes with web faults → serve them on loopback → curate →
 caption them densely through the local OpenAI-compatible endpoint (which knows only the synthetic scenes) →
-precompute 32² pixel latents and MiniLM text features into bucketed training shards.
+precompute 32² pixel latents and MiniLM text features → train the `tiny` preset → sample held-out prompts → score
+their adherence with `scenes/` → DATA/report.html.
 
-    lensforge demo --out demo-out          (what `make demo` runs)
+    lensforge demo --out demo-out          (what `make demo` runs; rerun it to finish an interrupted demo)
 
-Later stages (train, generate) join this flow as they land. Settings: configs/demo.yaml,
-which every stage command accepts with --config, so each step can be rerun by hand.
+Settings: configs/demo.yaml, a pipeline file like any other: `lensforge run configs/demo.yaml` runs the same stages
+on your own URL list, and every stage command accepts it with --config, so each step can be rerun by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from pipelines.config import load_section, save_resolved
+from pipelines.run import Services, run_pipeline
+from pipelines.stage_cache import is_done, mark_done, stage_key
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+PLACEHOLDER_BASE_URL = "http://127.0.0.1:1"  # rewritten to the live server's URL whenever curate runs
 
 
-def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[str] | None = None) -> Path:
-    from captioning.endpoint import start_endpoint
-    from captioning.pipeline import caption
-    from curation.pipeline import curate
-    from pipelines.commands.caption import report_captions
-    from scenes import render_dataset, start_server
-    from training.precompute import precompute
+def render_scenes(scenes_dir: Path, config: str, overrides: list[str]) -> str:
+    """Render the scene web once per scenes config; returns that config's key (it stands for the URL list)."""
+    from scenes import render_dataset
 
-    out = Path(out)
-    config = Path(config) if config else DEMO_CONFIG
-    overrides = overrides or []
-    started = time.time()
-    scenes_dir, data_dir = out / "scenes", out / "data"
-    scenes_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_section("scenes", config, overrides, base_url=PLACEHOLDER_BASE_URL)
+    key = stage_key("scenes", cfg)
+    if is_done(scenes_dir, "scenes", key):
+        return key
+    began = time.time()
+    save_resolved(cfg, "scenes", scenes_dir)
+    render_dataset(cfg, scenes_dir)
+    mark_done(scenes_dir, "scenes", key, {"n": cfg.n}, time.time() - began)
+    print(f"demo: {cfg.n} scenes rendered into {scenes_dir} in {time.time() - began:.0f} s")
+    return key
+
+
+def rebase_urls(urls: Path, base_url: str) -> None:
+    """Point the URL list at `base_url` (the scenes server listens on a fresh loopback port each time)."""
+    table = pd.read_parquet(urls)
+    table["url"] = base_url + table["url"].str.replace(r"^https?://[^/]+", "", regex=True)
+    table.to_parquet(urls, index=False)
+
+
+@contextlib.contextmanager
+def scene_web(scenes_dir: Path):
+    from scenes import start_server
 
     server, base_url = start_server(scenes_dir, host="127.0.0.1", port=0)
     try:
-        scenes_cfg = load_section("scenes", str(config), overrides, base_url=base_url)
-        save_resolved(scenes_cfg, "scenes", scenes_dir)
-        urls = render_dataset(scenes_cfg, scenes_dir)
-        print(f"demo: {scenes_cfg.n} scenes rendered into {scenes_dir}, served at {base_url}")
-
-        curate_cfg = load_section("curate", str(config), overrides)
-        save_resolved(curate_cfg, "curate", data_dir)
-        curate(urls, data_dir, curate_cfg)
+        rebase_urls(scenes_dir / "urls.parquet", base_url)
+        print(f"demo: scenes served at {base_url}")
+        yield base_url
     finally:
         server.shutdown()
+        server.server_close()
 
-    endpoint, endpoint_url = start_endpoint(host="127.0.0.1", port=0)
+
+@contextlib.contextmanager
+def scene_captioner():
+    from captioning.endpoint import start_endpoint
+
+    endpoint, url = start_endpoint(host="127.0.0.1", port=0)
     try:
-        caption_cfg = load_section("caption", str(config), overrides, base_url=endpoint_url)
-        save_resolved(caption_cfg, "caption", data_dir / "captions")
-        caption(data_dir, caption_cfg)
-        report_captions(data_dir)
+        yield url
     finally:
         endpoint.stop()
 
-    precompute(data_dir, load_section("precompute", str(config), overrides))
 
-    print(f"\ndemo finished in {time.time() - started:.0f} s")
-    print(f"  manifest: {data_dir / 'manifest'}")
-    print(f"  captions: {data_dir / 'captions'}")
-    print(f"  shards:   {data_dir / 'shards'}")
-    reports = ", ".join(str(data_dir / "reports" / name) for name in ("curation.html", "captions.html", "buckets.html"))
-    print(f"  reports:  {reports}")
-    print("next: your own URL list and a real captioner (any OpenAI-compatible endpoint):\n"
-          f"  lensforge curate --urls my_urls.parquet --out my-data --config {config}\n"
-          "  lensforge caption --data my-data --model gpt-4.1-mini --dry-run      # estimate tokens and cost first\n"
-          "  lensforge caption --data my-data --model gpt-4.1-mini --max-cost-usd 20")
-    return data_dir
+def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[str] | None = None,
+             start: str | None = None, stop: str | None = None) -> Path:
+    out = Path(out)
+    config = str(config or DEMO_CONFIG)
+    scenes_dir = out / "scenes"
+    began = time.time()
+    urls_key = render_scenes(scenes_dir, config, overrides or [])
+    overrides = [f"run.urls={scenes_dir / 'urls.parquet'}", *(overrides or [])]
+    services = Services(web=lambda: scene_web(scenes_dir), captioner=scene_captioner)
+    plan = run_pipeline(config, overrides, out=str(out), start=start, stop=stop, services=services,
+                        urls_key=urls_key)
+    print(f"\ndemo finished in {time.time() - began:.0f} s")
+    print(f"  report:      {plan.report}")
+    print(f"  data:        {plan.data} (manifest/, captions/, shards/, reports/)")
+    print(f"  checkpoints: {plan.train_dir / 'checkpoints'}")
+    print("next:\n"
+          "  your own URLs:      lensforge run my-pipeline.yaml --set run.urls=my_urls.parquet   "
+          "(start from configs/demo.yaml)\n"
+          "  a real captioner:   lensforge caption --data my-data --model gpt-4.1-mini --dry-run   "
+          "(then configs/lens-800m-style.yaml or configs/vllm-captioner.yaml)\n"
+          f"  samples:            lensforge generate --run {plan.train_dir} --prompt 'A large red circle in the "
+          "center.'\n"
+          "  a GPU:              torchrun --nproc-per-node 8 -m pipelines.cli train --data DATA --out RUN "
+          "--preset small   (see README: Training)\n"
+          "  check your setup:   lensforge doctor --config my-pipeline.yaml")
+    return plan.report

@@ -1,0 +1,232 @@
+"""`lensforge run PIPELINE.yaml`: curate → caption → precompute → train → sample → report, in order, each stage
+skipped when its outputs are complete for the current config (`pipelines/stage_cache.py`).
+
+    lensforge run configs/demo.yaml --set run.urls=scenes/urls.parquet --out my-run
+    lensforge run my-pipeline.yaml --from train --until sample     # retrain and resample, data untouched
+
+A crash anywhere is resumed by the same command: finished stages are skipped by their markers and the stage that
+was interrupted resumes on its own (download shards, caption parts, shard sets and checkpoints are all
+incremental). The data stages share one Ray runtime (local, or `run.ray_address`), shut down before training;
+training runs in this process, or under torchrun when `run.nproc_per_node` > 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.config import load_section, read_yaml, save_resolved
+from pipelines.run_config import STAGES, RunConfig
+from pipelines.stage_cache import file_digest, is_done, mark_done, read_marker, stage_key
+
+DATA_STAGES = ("curate", "caption", "precompute")
+
+
+@dataclass
+class Services:
+    """Local servers some stages need, started only when such a stage runs (the demo's loopback web server for
+    curate; its captioning endpoint, whose context yields the base URL, for caption)."""
+
+    web: Callable[[], AbstractContextManager] | None = None
+    captioner: Callable[[], AbstractContextManager[str]] | None = None
+
+
+@dataclass
+class Plan:
+    config: str | None
+    overrides: list[str]
+    run: RunConfig
+    data: Path
+    train_dir: Path
+    cfgs: dict = field(default_factory=dict)  # stage -> typed config
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def report(self) -> Path:
+        return self.data / "report.html"
+
+
+def stage_range(start: str | None, stop: str | None) -> list[str]:
+    for name in (start, stop):
+        if name is not None and name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    first, last = STAGES.index(start or STAGES[0]), STAGES.index(stop or STAGES[-1])
+    if first > last:
+        raise ValueError(f"--from {start} comes after --until {stop}")
+    return list(STAGES[first:last + 1])
+
+
+def make_plan(config: str | None, overrides: list[str], out: str | None = None, urls_key: str | None = None) -> Plan:
+    """Every stage's typed config and cache key, before anything runs (a bad config fails here, in one line).
+    The URL list is keyed by its bytes, or by `urls_key` (the demo's scene config: its URLs change port per run)."""
+    run = load_section("run", config, overrides, out=out)
+    root = Path(run.out)
+    plan = Plan(config, overrides, run, Path(run.data) if run.data else root / "data",
+                Path(run.train_dir) if run.train_dir else root / "run")
+    cfgs = {s: load_section(s, config, overrides) for s in ("curate", "caption", "precompute", "train")}
+    train_raw = (read_yaml(config).get("train") or {}) if config else {}
+    set_in_train = {o.partition("=")[0].split(".")[1] for o in overrides if o.startswith("train.")}
+    fill = {k: getattr(cfgs["precompute"], k) for k in ("codec", "text_encoder")
+            if k not in train_raw and k not in set_in_train}
+    cfgs["train"] = cfgs["train"].model_copy(update=fill)  # train reads what precompute wrote unless told
+    plan.cfgs = cfgs
+
+    if urls_key:
+        urls = {"urls": urls_key}
+    else:
+        urls = {"urls": file_digest(run.urls) if run.urls and Path(run.urls).exists() else run.urls}
+    upstream = ""
+    for stage in STAGES:
+        cfg = run.sample if stage == "sample" else cfgs.get(stage)
+        plan.keys[stage] = upstream = stage_key(stage, cfg, upstream, **(urls if stage == "curate" else {}))
+    return plan
+
+
+def run_pipeline(config: str | None, overrides: list[str] | None = None, out: str | None = None,
+                 start: str | None = None, stop: str | None = None, services: Services | None = None,
+                 urls_key: str | None = None) -> Plan:
+    plan = make_plan(config, overrides or [], out, urls_key)
+    services = services or Services()
+    stages = stage_range(start, stop)
+    forced = start  # --from STAGE reruns that stage even when it is marked done
+    ray_started = False
+    print(f"run: stages {' → '.join(stages)}; data {plan.data}, run {plan.train_dir}")
+    for stage in stages:
+        key = plan.keys[stage]
+        if stage != forced and is_done(plan.data, stage, key):
+            print(f"run: {stage}: up to date (key {key}), skipped")
+            continue
+        previous = read_marker(plan.data, stage)
+        why = "config changed" if previous else "not finished"
+        print(f"run: {stage}: starting ({'--from' if stage == forced else why}; key {key})", flush=True)
+        if stage in DATA_STAGES and not ray_started and stage != "caption":
+            start_ray(plan)
+            ray_started = True
+        if stage == "train" and ray_started:
+            stop_ray()
+            ray_started = False
+        began = time.time()
+        summary = RUNNERS[stage](plan, services)
+        mark_done(plan.data, stage, key, summary, time.time() - began)
+        print(f"run: {stage}: done in {time.time() - began:.0f} s", flush=True)
+    if ray_started:
+        stop_ray()
+    return plan
+
+
+def start_ray(plan: Plan) -> None:
+    """One Ray runtime for the data stages, with curate's worker setup (the URL guard) in its runtime env."""
+    from curation.pipeline import ray_runtime_env
+    from curation.ray_runtime import init_ray
+
+    init_ray(plan.run.ray_address, ray_runtime_env(plan.cfgs["curate"]))
+
+
+def stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+# --- the stages ---------------------------------------------------------------------------------------------
+
+
+def run_curate(plan: Plan, services: Services) -> dict:
+    from curation.pipeline import curate
+
+    if not plan.run.urls:
+        raise ValueError("curate needs a URL list: set run.urls (or --set run.urls=FILE), or start with --from caption")
+    cfg = plan.cfgs["curate"]
+    save_resolved(cfg, "curate", plan.data)
+    with services.web() if services.web else contextlib.nullcontext():
+        manifest = curate(plan.run.urls, plan.data, cfg, ray_address=plan.run.ray_address)
+    return {"rows": int(len(manifest)), "kept": int(manifest["keep"].sum())}
+
+
+def run_caption(plan: Plan, services: Services) -> dict:
+    from captioning.pipeline import caption
+    from captioning.schema import captions_dir
+    from pipelines.commands.caption import report_captions
+
+    with services.captioner() if services.captioner else contextlib.nullcontext() as base_url:
+        cfg = plan.cfgs["caption"]
+        if base_url:
+            cfg = cfg.model_copy(update={"base_url": base_url})
+        if not cfg.model and cfg.azure is None:
+            raise ValueError("no captioning model: set caption.model in the pipeline file")
+        save_resolved(cfg, "caption", captions_dir(plan.data))
+        if cfg.batch_api:
+            from captioning import batch
+
+            stats = batch.run_batch(plan.data, cfg) or {}
+        else:
+            stats = caption(plan.data, cfg)
+    if stats.get("stopped"):
+        raise RuntimeError(f"caption stopped early ({stats['stopped']}): raise caption.max_cost_usd and rerun")
+    report_captions(plan.data)
+    return {"outcomes": stats.get("outcomes", {}), "cost_usd": stats.get("cost_usd")}
+
+
+def run_precompute(plan: Plan, services: Services) -> dict:
+    from training.precompute import precompute
+
+    set_dir = precompute(plan.data, plan.cfgs["precompute"], ray_address=plan.run.ray_address)
+    return {"shard_set": str(set_dir)}
+
+
+def run_train(plan: Plan, services: Services) -> dict:
+    from inference.checkpoint import latest_step_dir
+
+    cfg = plan.cfgs["train"]
+    if plan.run.nproc_per_node == 1:
+        from training.trainer import train
+
+        result = train(cfg, plan.data, plan.train_dir, resume=True)
+        step = result["step"]
+    else:
+        command = torchrun_command(plan)
+        print("run: " + shlex.join(command), flush=True)
+        subprocess.run(command, check=True)
+        step = int(latest_step_dir(plan.train_dir).name.split("_")[-1])
+    if step < cfg.max_steps:
+        raise RuntimeError(f"training stopped at step {step} of {cfg.max_steps}; rerun to continue")
+    return {"step": step, "checkpoint": str(latest_step_dir(plan.train_dir))}
+
+
+def torchrun_command(plan: Plan) -> list[str]:
+    """`torchrun ... -m pipelines.cli train` with the same pipeline file and overrides, resuming if it can."""
+    sets = list(plan.overrides)
+    sets += [f"train.{k}={getattr(plan.cfgs['train'], k)}" for k in ("codec", "text_encoder")]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.run.nproc_per_node}",
+               *plan.run.torchrun_args, "-m", "pipelines.cli", "train", "--data", str(plan.data),
+               "--out", str(plan.train_dir), "--resume"]
+    if plan.config:
+        command += ["--config", plan.config]
+    for override in sets:
+        command += ["--set", override]
+    return command
+
+
+def run_sample(plan: Plan, services: Services) -> dict:
+    from pipelines.sample import sample_grid
+
+    return sample_grid(plan.train_dir, plan.run.sample, plan.cfgs["train"])
+
+
+def run_report(plan: Plan, services: Services) -> dict:
+    from pipelines.report import write_run_report
+
+    return {"report": str(write_run_report(plan))}
+
+
+RUNNERS: dict[str, Callable[[Plan, Services], dict]] = {
+    "curate": run_curate, "caption": run_caption, "precompute": run_precompute,
+    "train": run_train, "sample": run_sample, "report": run_report,
+}
