@@ -94,8 +94,8 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[
           "(start from configs/demo.yaml)\n"
           "  a real captioner:   lensforge caption --data my-data --model gpt-4.1-mini --dry-run   "
           "(then configs/lens-800m-style.yaml or configs/vllm-captioner.yaml)\n"
-          f"  samples:            lensforge generate --run {plan.train_dir} --prompt 'A large red circle in the "
-          "center.'\n"
+          f"  samples:            lensforge generate 'A large red circle in the center.' --run {plan.train_dir} "
+          "--out samples\n"
           "  a GPU:              torchrun --nproc-per-node 8 -m pipelines.cli train --data DATA --out RUN "
           "--preset small   (see README: Training)\n"
           "  check your setup:   lensforge doctor --config my-pipeline.yaml")

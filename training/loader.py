@@ -119,16 +119,20 @@ def encoder_mismatches(encoders: dict, cfg: TrainConfig, model: ModelConfig) -> 
     return problems
 
 
+def shard_set_candidates(root: Path, shard_set: str | None) -> list[Path]:
+    """The shard sets to consider: `root` itself when it is one, DATA/shards/<shard_set> when named, else every set."""
+    if (root / ENCODERS_FILE).is_file():
+        return [root]
+    if shard_set:
+        return [root / "shards" / shard_set]
+    return sorted(p.parent for p in (root / "shards").glob(f"*/{ENCODERS_FILE}"))
+
+
 def open_shard_set(data: str | Path, cfg: TrainConfig) -> ShardSet:
     """DATA (or DATA/shards/<set_id>) → the shard set this config can train on; ValueError saying what differs."""
     model = cfg.model_config_resolved()
     root = Path(data)
-    if (root / ENCODERS_FILE).is_file():
-        candidates = [root]
-    elif cfg.data.shard_set:
-        candidates = [root / "shards" / cfg.data.shard_set]
-    else:
-        candidates = sorted(p.parent for p in (root / "shards").glob(f"*/{ENCODERS_FILE}"))
+    candidates = shard_set_candidates(root, cfg.data.shard_set)
     if not candidates:
         raise FileNotFoundError(f"no shard set under {root / 'shards'}: run `lensforge precompute --data {root}`")
     found = {c: encoder_mismatches(read_encoders(c), cfg, model) for c in candidates}

@@ -12,6 +12,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from training.caption_variants import split_variant
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -39,7 +41,8 @@ class PrecomputeConfig(_Strict):
     # What to encode, with what.
     codec: str = Field("pixel", description="pixel | pixel:F | flux2:PATH (inference/codecs.py)")
     text_encoder: str = Field("minilm", description="minilm | hf:PATH@layers | gpt-oss:PATH (inference/text.py)")
-    variants: list[str] = Field(["dense"], min_length=1, description="caption variants; `alt` = the manifest's alt")
+    variants: list[str] = Field(["dense"], min_length=1, description="caption variants; `alt` = the manifest's alt; "
+                                "`dense@15` = dense cut to its first 15 words (training/caption_variants.py)")
     codec_dtype: Literal["float32", "bfloat16"] = Field("float32", description="the codec's compute dtype")
     text_encoder_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="the text encoder's compute dtype (bfloat16 for GPT-OSS-20B on a GPU)")
@@ -78,4 +81,6 @@ class PrecomputeConfig(_Strict):
     def _variants(cls, variants: list[str]) -> list[str]:
         if len(set(variants)) != len(variants):
             raise ValueError(f"duplicate variants in {variants}")
+        for name in variants:
+            split_variant(name)  # ValueError naming the bad one
         return variants

@@ -1,6 +1,7 @@
 """Precompute's first pass, on the driver and before any pixel is decoded: which samples, which bucket, which shard.
 
     rows, skipped = read_candidates(data, ["dense", "alt"])   # kept manifest rows with every variant ok
+                                                              # (`dense@15`: dense cut to 15 words, caption_variants)
     rows, errors = locate_images(data, rows)                  # tar offsets (one header scan per download tar)
     rows, changes = assign_buckets(rows, table, min_samples=64, policy="merge")
     rows = assign_shards(rows, shard_size=1000)               # deterministic: same inputs → same shards
@@ -27,6 +28,7 @@ from captioning.schema import ALT_VARIANT, STATUS_OK, latest_captions
 from curation.download import tar_index
 from curation.manifest import read_manifest
 from training.buckets import BucketTable
+from training.caption_variants import split_variant, variant_text
 from training.shard_format import shard_name
 
 MANIFEST_COLUMNS = ["key", "alt_text", "width", "height", "keep", "shard", "member"]
@@ -38,24 +40,26 @@ def caption_column(variant: str) -> str:
 
 def read_candidates(data: str | Path, variants: list[str]) -> tuple[pd.DataFrame, Counter]:
     """Kept manifest rows that have every requested variant ok (alt: a non-null alt text), in key order, with a
-    `caption.<variant>` column each; and the skipped keys counted by their first missing variant and why."""
+    `caption.<variant>` column each; and the skipped keys counted by their first missing variant and why.
+    `<base>@<N>` is the base variant's caption cut to its first N words (training/caption_variants.py)."""
+    bases = {variant: split_variant(variant)[0] for variant in variants}
     manifest = read_manifest(data, columns=MANIFEST_COLUMNS)
     manifest = manifest.filter(pc.fill_null(manifest["keep"], False)).sort_by("key").to_pandas()
     manifest = manifest.rename(columns={"shard": "shard_in"})  # `shard` will name the output shard
-    captions = latest_captions(data).to_pandas() if set(variants) - {ALT_VARIANT} else None
+    captions = latest_captions(data).to_pandas() if set(bases.values()) - {ALT_VARIANT} else None
     ok = pd.Series(True, index=manifest.index)
     skipped: Counter = Counter()
-    for variant in variants:
-        if variant == ALT_VARIANT:
+    for variant, base in bases.items():
+        if base == ALT_VARIANT:
             text, reason = manifest["alt_text"], pd.Series("no alt text", index=manifest.index)
             missing = text.isna()
         else:
-            rows = captions[captions["variant"] == variant].set_index("key")
+            rows = captions[captions["variant"] == base].set_index("key")
             status = manifest["key"].map(rows["status"])
             text = manifest["key"].map(rows["text"])
             missing = (status != STATUS_OK) | text.isna()
             reason = status.fillna("not captioned")
-        manifest[caption_column(variant)] = text
+        manifest[caption_column(variant)] = text if variant == base else text.map(lambda t: variant_text(t, variant))
         for why, n in reason[missing & ok].value_counts().items():
             skipped[f"{variant}: {why}"] += int(n)
         ok &= ~missing

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", default=None, metavar="NAME|PATH",
                         help="minilm | hf:PATH[@layers] | gpt-oss:PATH[@layers] (default: the config's, minilm)")
     parser.add_argument("--variants", default=None, metavar="V,...",
-                        help="caption variants to encode, e.g. dense,short,alt (alt = the original alt text)")
+                        help="caption variants to encode, e.g. dense,short,alt (alt = the original alt text; "
+                        "dense@15 = the dense caption cut to its first 15 words)")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local runtime")
     add_config_args(parser)
 

@@ -17,9 +17,10 @@ import pandas as pd
 import torch
 import webdataset as wds
 
-from scenes import describe, render
+from scenes import alt, describe, render
 from scenes.scene import BACKGROUNDS, CELLS, COLORS, SHAPES, Obj, Scene, random_scene
 from training.buckets import BucketTable
+from training.caption_variants import split_variant, variant_text
 from training.precompute import encoders_record, table_for
 from training.precompute_config import BucketsConfig, PrecomputeConfig
 from training.precompute_workers import load_encoders, probe_encoders
@@ -46,6 +47,12 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def scene_caption(scene: Scene, variant: str, rng: random.Random) -> str:
+    """`describe(scene, style)`, `alt` (a weak alt text drawn from rng), or either cut to N words (`dense@15`)."""
+    base, _ = split_variant(variant)
+    return variant_text(alt(scene, rng) if base == "alt" else describe(scene, base), variant)
+
+
 def precompute_config(buckets: dict[tuple[int, int], int], variants=("dense",)) -> PrecomputeConfig:
     sides = sorted({round((w * h) ** 0.5) for w, h in buckets})
     ratios = sorted({BucketTable((512,)).nearest_ratio(w, h) for w, h in buckets})
@@ -56,7 +63,8 @@ def precompute_config(buckets: dict[tuple[int, int], int], variants=("dense",)) 
 def write_scene_shards(data: str | Path, buckets: dict[tuple[int, int], int], variants=("dense",), seed: int = 0,
                        shard_size: int = 1000, scene_fn=None, encoders_patch: dict | None = None) -> Path:
     """DATA/shards/<set_id>/ with `buckets[(w, h)]` samples of each size (each must be a bucket of the table the
-    sizes imply). Variant `dense`/`short`/... is `describe(scene, variant)`. `encoders_patch` overrides fields of
+    sizes imply). Variant `dense`/`short`/... is `describe(scene, variant)`, `alt` an alt text, `dense@15` the dense
+    caption cut to 15 words (`scene_caption`). `encoders_patch` overrides fields of
     encoders.json (to make shards that a config must refuse). Returns the set directory."""
     cfg = precompute_config(buckets, variants)
     probe = probe_encoders(cfg, {})
@@ -75,7 +83,8 @@ def write_scene_shards(data: str | Path, buckets: dict[tuple[int, int], int], va
         scenes = [scene_fn(rng) for _ in range(count)]
         latents = torch.cat([codec.encode(to_tensor([scene_image(s, w, h) for s in scenes[i:i + 256]]))
                              for i in range(0, count, 256)])
-        captions = {v: [describe(s, v) for s in scenes] for v in variants}
+        captions = {v: [scene_caption(s, v, random.Random(f"{seed}/{w}x{h}/{i}")) for i, s in enumerate(scenes)]
+                    for v in variants}
         feats = {}
         for v, texts in captions.items():
             feats[v] = []

@@ -1,0 +1,100 @@
+"""`lensforge ablate caption-density --data DATA --out DIR [--variants alt,short,dense[,mix:dense=0.5+alt=0.5]]
+[--seeds 1] [--steps 1200] [--preset tiny] [--sweep-words 7,15,23 [--sweep-base dense]] [--per-category 32]
+[--sample-steps 25] [--cfg 4.0] [--eval-batch-size 16] [--device auto] [--config F] [--set train.K=V]`
+
+One model per caption variant, everything else equal, each scored for prompt adherence; a table and plots in DIR.
+Rerun the same command to finish an interrupted study. Data preparation, budget and GPU settings: pipelines/ablate.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from pipelines.config import add_config_args, load_section
+
+NAME = "ablate"
+HELP = "ablation studies: caption-density (one model per caption variant, equal compute, adherence with 95 % CIs)"
+
+
+def _words(text: str) -> list[int]:
+    try:
+        words = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of word counts") from None
+    if not words or min(words) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: word counts must be positive integers")
+    return words
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from inference.config import list_models
+    from pipelines.ablate import DEFAULT_EVAL_BATCH, DEFAULT_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_VARIANTS, STUDIES
+
+    parser.add_argument("study", choices=STUDIES, help="the study to run")
+    parser.add_argument("--data", required=True, metavar="DATA", help="data directory with a shard set holding "
+                        "every variant (DATA/shards/<set_id>), or one shard set directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="study directory (created; rerun to resume)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, metavar="V,...",
+                        help=f"caption variants to compare (default {DEFAULT_VARIANTS}); `dense@15`: dense cut to 15 "
+                        "words; `mix:dense=0.5+alt=0.5`: a caption mix")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant (base seed + 0, 1, ...)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per run (default "
+                        f"{DEFAULT_STEPS}: alt,short,dense in ≈ 32 min on 2 CPU cores); overrides train.max_steps")
+    parser.add_argument("--preset", choices=list_models(), default=None, help="model preset (default: the config's)")
+    parser.add_argument("--sweep-words", type=_words, default=[], metavar="N,...",
+                        help="also train on the --sweep-base caption cut to each word count and plot adherence "
+                        "against words per caption (sweep.png)")
+    parser.add_argument("--sweep-base", default="dense", help="the variant the sweep cuts (default dense)")
+    parser.add_argument("--per-category", type=int, default=DEFAULT_PER_CATEGORY,
+                        help=f"adherence prompts per category and evaluation (default {DEFAULT_PER_CATEGORY})")
+    parser.add_argument("--sample-steps", type=int, default=25, help="sampling steps of the evaluation")
+    parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance of the evaluation")
+    parser.add_argument("--eval-batch-size", type=int, default=DEFAULT_EVAL_BATCH, help="images per sampling batch "
+                        f"(default {DEFAULT_EVAL_BATCH}; larger on a GPU)")
+    parser.add_argument("--device", default="auto", help="evaluation device (training: train.device)")
+    add_config_args(parser)  # the recipe: the `train:` section of --config, by default configs/demo.yaml
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("seeds", "steps", "per_category", "sample_steps", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1")
+    if args.cfg < 0:
+        raise ValueError("--cfg must be ≥ 0")
+    from pipelines.ablate import study_variants
+
+    study_variants(args.variants, args.sweep_words, args.sweep_base)  # one-line errors before any work
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The full command with every setting spelled out: rerunning it redoes exactly this study."""
+    parts = ["lensforge", NAME, args.study, "--data", args.data, "--out", args.out, "--variants", args.variants,
+             "--seeds", str(args.seeds), "--steps", str(args.steps)]
+    if args.preset:
+        parts += ["--preset", args.preset]
+    if args.sweep_words:
+        parts += ["--sweep-words", ",".join(map(str, args.sweep_words)), "--sweep-base", args.sweep_base]
+    parts += ["--per-category", str(args.per_category), "--sample-steps", str(args.sample_steps), "--cfg",
+              f"{args.cfg:g}", "--eval-batch-size", str(args.eval_batch_size), "--device", args.device]
+    if args.config:
+        parts += ["--config", args.config]
+    for override in args.overrides:
+        parts += ["--set", override]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.ablate import AblateSettings, run_ablation
+    from pipelines.demo import DEMO_CONFIG
+
+    check_args(args)
+    config = args.config or str(DEMO_CONFIG)
+    base = load_section("train", config, args.overrides, preset=args.preset)
+    settings = AblateSettings(
+        study=args.study, variants=[v.strip() for v in args.variants.split(",") if v.strip()], seeds=args.seeds,
+        steps=args.steps, sweep_words=args.sweep_words, sweep_base=args.sweep_base, per_category=args.per_category,
+        sample_steps=args.sample_steps, cfg=args.cfg, eval_batch_size=args.eval_batch_size, device=args.device)
+    readme = run_ablation(settings, base, args.data, args.out, config, command_line(args))
+    print(f"ablate: done → {readme}")
+    return 0
