@@ -151,7 +151,7 @@ def write_csv(path: Path, rows: list[Row], steps: int) -> None:
 
 
 def markdown(rows: list[Row], settings) -> str:
-    lines = [f"# Caption-density ablation\n",
+    lines = ["# Caption-density ablation\n",
              f"{len(rows)} variants × {settings.seeds} seed(s), {settings.steps} steps each; "
              f"{settings.per_category} prompts per category × {len(CATEGORIES)} categories per evaluation, "
              f"{settings.sample_steps} sampling steps, CFG {settings.cfg}, {settings.size}². Adherence: mean "

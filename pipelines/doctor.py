@@ -2,7 +2,7 @@
 
     lensforge doctor                                           # Python, packages, GPU, Ray, disk, img2dataset env
     lensforge doctor --config configs/lens-800m-style.yaml     # + weights paths, caption endpoint
-    lensforge doctor --config my.yaml --ray-address 10.0.0.1:6379 --out /data
+    lensforge doctor --config my.yaml --ray-address head.cluster.internal:6379 --out /data
 
 Only `missing` rows make the exit code 1; a CPU-only machine is a warning. Nothing here starts Ray or loads a
 model. Network: a cluster address and the caption endpoint are contacted only when configured (`--ray-address`,

@@ -76,7 +76,12 @@ def test_endpoint_that_refuses_the_key(monkeypatch):
     assert row.status == MISSING and "401" in row.detail and "LF_TEST_KEY" in row.fix
 
 
-def test_offline_contacts_no_remote_address():
+def test_offline_contacts_no_remote_address(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"doctor tried to connect: {args}")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)  # any attempt fails the test
+    monkeypatch.setattr(socket.socket, "connect", refuse)
     row = doctor.check_endpoint(CaptionConfig(model="gpt-4.1"), offline=True)  # api.openai.com: not contacted
     assert row.status == WARNING and "not contacted" in row.detail
     row = doctor.check_ray_cluster("10.0.0.1:6379", offline=True)
