@@ -6,6 +6,11 @@ carries the `CheckpointSpec` (model config, codec, text encoder) as JSON in its 
 
     weights, spec = resolve_checkpoint(run="runs/demo")          # latest step, EMA preferred
     model = load_model(weights, spec, device="cuda", dtype=torch.bfloat16)
+    model = load_denoiser("/models/Lens")                          # or its transformer/, a single file, a run
+
+The weights' names are the released Lens names (inference/mmdit.py), so a lensforge file IS a single-file Lens DiT
+with the spec in its metadata; `inference/lens_format.py` owns the released layout that `load_denoiser` also reads
+and `lensforge export` writes.
 """
 
 from __future__ import annotations
@@ -14,20 +19,35 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from inference import lens_format
 from inference.config import ModelConfig
 from inference.mmdit import MMDiT
+from inference.weights_io import read_header, read_tensors
 
 SPEC_KEY = "lensforge.spec"
 SPEC_FILE = "model_config.json"
 WEIGHT_FILES = ("ema.safetensors", "model.safetensors")  # in order of preference
-STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_(\d{8})$")  # RUN/checkpoints/step_XXXXXXXX: the one owner of the name
+LEGACY_KEY = "blocks.0.img.qkv.weight"  # lensforge's names before it adopted the released architecture
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: str | Path) -> int:
+    """The step of a `step_XXXXXXXX` directory; ValueError for any other name."""
+    match = STEP_DIR.match(Path(path).name)
+    if not match:
+        raise ValueError(f"{path} is not a step_XXXXXXXX checkpoint directory")
+    return int(match.group(1))
 
 
 class CheckpointSpec(BaseModel):
@@ -36,8 +56,10 @@ class CheckpointSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig
-    codec: str = "pixel"  # `inference.codecs.load_codec` spec
-    text_encoder: str = "minilm"  # `inference.text.load_text_encoder` spec
+    codec: str | None = "pixel"  # `inference.codecs.load_codec` spec; None: unknown (a bare transformer)
+    text_encoder: str | None = "minilm"  # `inference.text.load_text_encoder` spec; None: unknown
+    text_layers: tuple[int, ...] | None = None  # the encoder's layers, when the spec string does not say them
+    text_date: str | None = None  # the chat template's date line the features were made with (GPT-OSS)
 
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], spec: CheckpointSpec) -> Path:
@@ -74,7 +96,7 @@ def save_random_checkpoint(step_dir, spec: CheckpointSpec, seed: int = 0, std: f
 
 def latest_step_dir(run: str | Path) -> Path:
     ckpts = Path(run) / "checkpoints"
-    steps = [(int(m.group(1)), p) for p in ckpts.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    steps = [(step_of(p), p) for p in ckpts.glob("step_*") if STEP_DIR.match(p.name) and p.is_dir()]
     if not steps:
         raise FileNotFoundError(f"no checkpoints/step_* directory in run {run}")
     return max(steps)[1]
@@ -103,8 +125,7 @@ def read_spec(weights: str | Path) -> CheckpointSpec:
     weights = Path(weights)
     if weights.suffix != ".safetensors":
         raise ValueError(f"{weights}: only .safetensors checkpoints are loaded")
-    with safe_open(str(weights), framework="pt") as f:
-        raw = (f.metadata() or {}).get(SPEC_KEY)
+    raw = read_header(weights)[1].get(SPEC_KEY)
     if raw is None and (weights.parent / SPEC_FILE).is_file():
         raw = (weights.parent / SPEC_FILE).read_text()
     if raw is None:
@@ -132,18 +153,118 @@ def state_diff(model_shapes: dict, file_shapes: dict, limit: int = 5) -> str | N
     return "; ".join(parts) or None
 
 
-def load_model(weights: str | Path, spec: CheckpointSpec, device=None, dtype=torch.float32) -> MMDiT:
-    """Build the model the spec names and load the weights strictly (a readable ValueError otherwise)."""
+@dataclass(frozen=True)
+class DenoiserSource:
+    """Where a denoiser's weights are, how their keys are spelled, and what they are."""
+
+    kind: str  # "lensforge" (a run, step directory or file of ours), "release", "transformer", "single-file"
+    files: tuple[Path, ...]  # safetensors files holding the weights, together one state dict
+    prefix: str  # carried by every key ('' or a single file's "model.diffusion_model.")
+    spec: CheckpointSpec  # codec / text_encoder None where the source does not name them
+
+
+def describe_denoiser(path: str | Path, prefer_ema: bool = True) -> DenoiserSource:
+    """What `load_denoiser` would read at `path`: a lensforge run (its latest step), step directory or weights
+    file; a Lens release root (`model_index.json`) or its `transformer/` folder (sharded + index, any size); a
+    single-file DiT safetensors (keys bare or under `model.diffusion_model.`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"denoiser not found: {path}")
+    if path.is_dir():
+        if lens_format.is_release_root(path):
+            return _release_source(path)
+        if lens_format.is_transformer_dir(path):
+            if lens_format.is_release_root(path.parent):
+                return _release_source(path.parent)
+            return _transformer_source(path)
+        if (path / "checkpoints").is_dir():
+            path = latest_step_dir(path)
+        elif not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise FileNotFoundError(f"{path}: not a lensforge run or step directory (no checkpoints/, "
+                                    f"{' or '.join(WEIGHT_FILES)}), a Lens release root (model_index.json) "
+                                    "or a transformer/ folder (config.json)")
+        return _file_source(resolve_checkpoint(checkpoint=path, prefer_ema=prefer_ema)[0])
+    return _file_source(path)
+
+
+def _release_source(root: Path) -> DenoiserSource:
+    config = lens_format.read_release_config(root / lens_format.TRANSFORMER_DIR)
+    spec = CheckpointSpec(model=lens_format.model_config_from_release(config, name=root.name or "lens"),
+                          codec=f"flux2:{root / 'vae'}", text_encoder=f"gpt-oss:{root}",
+                          text_layers=tuple(config.get("selected_layer_index", (5, 11, 17, 23))))
+    files = lens_format.transformer_files(root / lens_format.TRANSFORMER_DIR)
+    return DenoiserSource("release", tuple(files), "", _stored_spec(files[0]) or spec)
+
+
+def _transformer_source(folder: Path) -> DenoiserSource:
+    config = lens_format.read_release_config(folder)
+    files = lens_format.transformer_files(folder)
+    spec = _stored_spec(files[0]) or CheckpointSpec(
+        model=lens_format.model_config_from_release(config), codec=None, text_encoder=None,
+        text_layers=tuple(config.get("selected_layer_index", ())) or None)
+    return DenoiserSource("transformer", tuple(files), "", spec)
+
+
+def _stored_spec(file: Path) -> CheckpointSpec | None:
+    """The lensforge spec a file of ours carries in its safetensors metadata (exports keep it), else None."""
+    raw = read_header(file)[1].get(SPEC_KEY)
+    return CheckpointSpec.model_validate_json(raw) if raw else None
+
+
+def _file_source(weights: Path) -> DenoiserSource:
+    if weights.suffix != ".safetensors":
+        raise ValueError(f"{weights}: only .safetensors checkpoints are loaded")
+    entries, meta = read_header(weights)
+    keys, shapes = list(entries), {k: e[1] for k, e in entries.items()}
+    prefix = lens_format.strip_prefix(keys)
+    if SPEC_KEY in meta or (weights.parent / SPEC_FILE).is_file():
+        return DenoiserSource("lensforge", (weights,), prefix, read_spec(weights))
+    bare = {k[len(prefix):]: v for k, v in shapes.items()}
+    if lens_format.CONFIG_METADATA_KEY in meta:
+        config = json.loads(meta[lens_format.CONFIG_METADATA_KEY])
+        model = lens_format.model_config_from_release(config, name=weights.stem)
+    elif (weights.parent / lens_format.CONFIG_FILE).is_file():
+        config = lens_format.read_release_config(weights.parent)
+        model = lens_format.model_config_from_release(config, name=weights.stem)
+    else:
+        config, model = {}, lens_format.model_config_from_shapes(bare, name=weights.stem)
+    layers = tuple(config.get("selected_layer_index", ())) or None
+    return DenoiserSource("single-file", (weights,), prefix,
+                          CheckpointSpec(model=model, codec=None, text_encoder=None, text_layers=layers))
+
+
+def load_denoiser(path: str | Path, dtype: torch.dtype | None = None, device=None, prefer_ema: bool = True) -> MMDiT:
+    """The MMDiT at `path` (anything `describe_denoiser` reads), in the file's dtype or `dtype`, on `device`."""
+    return load_source(describe_denoiser(path, prefer_ema), dtype=dtype, device=device)
+
+
+def load_source(source: DenoiserSource, dtype: torch.dtype | None = None, device=None) -> MMDiT:
+    """Build on the meta device, then `assign` the file's tensors (inference/weights_io.py: read one at a time
+    into their own allocations): no initialisation and no fp32 copy, so a bf16 load costs about the file's size."""
     with torch.device("meta"):
-        model = MMDiT(spec.model)
-    with safe_open(str(weights), framework="pt") as f:
-        file_shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    diff = state_diff({k: v.shape for k, v in model.state_dict().items()}, file_shapes)
+        model = MMDiT(source.spec.model)
+    shapes = {k[len(source.prefix):]: e[1] for file in source.files for k, e in read_header(file)[0].items()}
+    if LEGACY_KEY in shapes:
+        raise ValueError(f"{source.files[0]}: a lensforge checkpoint from before the released Lens architecture "
+                         "(blocks.N.img.*); it cannot be loaded: retrain it with this version")
+    diff = state_diff({k: v.shape for k, v in model.state_dict().items()}, shapes)
     if diff:
-        raise ValueError(f"{weights} does not fit model {spec.model.name!r}: {diff}")
-    state = load_file(str(weights), device=str(device or "cpu"))
+        raise ValueError(f"{source.files[0]} does not fit model {source.spec.model.name!r}: {diff}")
+    state = {k[len(source.prefix):]: t for file in source.files for k, t in read_tensors(file, dtype, device)}
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()
+
+
+def stored_dtype(source: DenoiserSource) -> torch.dtype:
+    """The dtype the source's weights are stored in (its first tensor's), read from the header alone."""
+    entries, _ = read_header(source.files[0])
+    return next(iter(entries.values()))[0]
+
+
+def load_model(weights: str | Path, spec: CheckpointSpec, device=None, dtype=torch.float32) -> MMDiT:
+    """A lensforge weights file with its spec, strictly (a readable ValueError otherwise)."""
+    prefix = lens_format.strip_prefix(read_header(weights)[0])
+    return load_source(DenoiserSource("lensforge", (Path(weights),), prefix, spec), dtype=dtype, device=device)
 
 
 def file_fingerprint(path: str | Path, chunk: int = 16 * 2**20) -> str:

@@ -22,6 +22,7 @@ class Codec(ABC):
     channels: int  # latent channels
     factor: int  # pixels per latent cell, each side
     multiple: int  # image sides must be multiples of this
+    rounding = "round"  # decoded [-1, 1] → 8 bits: "round", or "floor" (what the Lens pipeline does for FLUX.2)
 
     @abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -73,17 +74,19 @@ class Flux2Codec(Codec):
     statistics; the result is handed on unpatchified (32 channels at 1/8) and the denoiser's own patch-2 embedding
     (same channel order) rebuilds exactly those 128-value tokens."""
 
-    def __init__(self, path: str | Path, device=None, dtype: torch.dtype = torch.float32):
-        from diffusers import AutoencoderKLFlux2  # heavy import, only for this codec
+    rounding = "floor"
 
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"FLUX.2 VAE directory not found: {path}")
-        self.vae = AutoencoderKLFlux2.from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
-        self.vae.requires_grad_(False)
+    def __init__(self, path: str | Path, device=None, dtype: torch.dtype = torch.float32, vae=None):
+        """`vae`: an AutoencoderKLFlux2 already in memory (then `path` only names it in the spec)."""
+        if vae is None:
+            from diffusers import AutoencoderKLFlux2  # heavy import, only for this codec
+
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"FLUX.2 VAE directory not found: {path}")
+            vae = AutoencoderKLFlux2.from_pretrained(str(path), torch_dtype=dtype).to(device)
+        self.vae = vae.eval().requires_grad_(False)
         self.spec = f"flux2:{path}"
-        self.channels = self.vae.config.latent_channels
-        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # 8
-        self.multiple = 2 * self.factor  # the 2×2 patchify needs an even latent
+        self.channels, self.factor, self.multiple = flux2_geometry(self.vae.config)
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.vae.bn
@@ -98,9 +101,12 @@ class Flux2Codec(Codec):
         return unpatchify_2x2((zp - mean) / std)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        zp = patchify_2x2(z)
-        mean, std = self._stats(zp)
-        return unpatchify_2x2(zp * std + mean)
+        """As the Lens pipeline's `_decode`: x / (1/std) − (−mean), the factors formed in the VAE's dtype."""
+        bn, zp = self.vae.bn, patchify_2x2(z)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps)
+        shift = (-bn.running_mean.view(1, -1, 1, 1)).to(zp.device, zp.dtype)
+        scale = (1.0 / std).to(zp.device, zp.dtype)
+        return unpatchify_2x2(zp / scale - shift)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -115,6 +121,31 @@ class Flux2Codec(Codec):
 
     def identity(self) -> dict:
         return {**super().identity(), "batch_norm_eps": self.vae.config.batch_norm_eps}
+
+
+def flux2_geometry(config) -> tuple[int, int, int]:
+    """(latent channels, pixels per latent cell, size multiple) of a FLUX.2 VAE config: 32, 8, 16 for Lens's;
+    the 2×2 patchify needs an even latent, hence twice the factor."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    factor = 2 ** (len(get("block_out_channels")) - 1)
+    return get("latent_channels"), factor, 2 * factor
+
+
+def describe_codec(spec: str) -> tuple[dict, int]:
+    """`load_codec(spec).identity()` and the codec's size multiple, from the VAE's config.json alone (no weights
+    read; what the shards' cache key needs)."""
+    kind, _, path = spec.partition(":")
+    if kind != "flux2":
+        codec = load_codec(spec)  # pixel: nothing to load; a wrong spec fails here
+        return codec.identity(), codec.multiple
+    from diffusers import AutoencoderKLFlux2
+
+    if not path or not Path(path).is_dir():
+        raise FileNotFoundError(f"FLUX.2 VAE directory not found: {path or '(none given)'} (codec {spec})")
+    config = AutoencoderKLFlux2.extract_init_dict(AutoencoderKLFlux2.load_config(path))[0]  # + the defaults
+    channels, factor, multiple = flux2_geometry(config)
+    return {"codec": spec, "channels": channels, "factor": factor, "batch_norm_eps": config["batch_norm_eps"]}, \
+        multiple
 
 
 CODECS = {"pixel": "lossless pixel-unshuffle (pixel or pixel:F, default F = 4)", "flux2": "flux2:PATH, FLUX.2 VAE"}

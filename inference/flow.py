@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 
 # Lens: logit-normal training timesteps shifted by μ = 1.0 at 256 image tokens → 1.3 at 4096, linear in between.
@@ -50,20 +51,45 @@ def time_shift(t: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 def sigma_schedule(steps: int, image_tokens: int, mu: float | None = None) -> torch.Tensor:
-    """(steps + 1,) decreasing σ from 1 to 0: FLUX.2's linspace(1, 1/steps) shifted by μ, then a final 0."""
+    """(steps + 1,) decreasing σ from 1 to 0: FLUX.2's linspace(1, 1/steps) shifted by μ, then a final 0.
+
+    Computed as the Lens pipeline's scheduler computes it (FlowMatchEulerDiscreteScheduler with exponential
+    dynamic shifting): the linspace cast to float32, then e^μ / (e^μ + 1/σ − 1) in float32."""
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     mu = empirical_mu(image_tokens, steps) if mu is None else mu
-    sigmas = time_shift(torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64), mu)
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    e = np.float32(math.exp(mu))
+    base = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+    sigmas = torch.from_numpy(e / (e + (np.float32(1) / base - np.float32(1))))
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def initial_noise(shape: tuple[int, ...], seeds: list[int], device=None) -> torch.Tensor:
-    """(B, ...) Gaussian noise, sample i drawn from its own CPU generator seeded seeds[i]: the same image for the
-    same seed whatever the batch it lands in or the device it runs on."""
+NOISE_LAYOUTS = ("latent", "tokens")
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int], device=None, layout: str = "latent", patch: int = 1,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, C, H, W) Gaussian noise, sample i drawn from its own CPU generator seeded seeds[i]: the same image for
+    the same seed whatever the batch it lands in or the device it runs on.
+
+    layout "latent" draws (C, H, W) directly; "tokens" draws (1, H/p·W/p, C·p²) in `dtype` and unpacks it, as the
+    Lens pipeline draws its latents: with `torch.Generator().manual_seed(seed)` there, the same seed gives the same
+    noise here."""
     if len(seeds) != shape[0]:
         raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
-    noise = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    if layout not in NOISE_LAYOUTS:
+        raise ValueError(f"noise layout {layout!r} is not one of {', '.join(NOISE_LAYOUTS)}")
+    c, hh, ww = shape[1:]
+    noise = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        if layout == "latent":
+            noise.append(torch.randn((c, hh, ww), generator=g, dtype=dtype))
+        else:
+            h, w = hh // patch, ww // patch
+            tokens = torch.randn((1, h * w, c * patch * patch), generator=g, dtype=dtype)
+            noise.append(tokens.reshape(h, w, c, patch, patch).permute(2, 0, 3, 1, 4)
+                         .reshape(c, hh, ww))  # inference/mmdit.py's unpatchify
     return torch.stack(noise).to(device)
 
 
@@ -83,9 +109,17 @@ def model_patch(model) -> int:
 
 
 def per_token_norm(v: torch.Tensor, patch: int) -> torch.Tensor:
-    """‖v‖ over each model token (C·p·p values), broadcast back to (B, 1, H, W)."""
-    norms = torch.nn.functional.pixel_unshuffle(v, patch).norm(dim=1, keepdim=True)  # (B, 1, H/p, W/p)
-    return norms.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
+    """‖v‖ over each model token (C·p·p values, in the token's own order), as (B, N, 1)."""
+    b, c, hh, ww = v.shape
+    tokens = v.view(b, c, hh // patch, patch, ww // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return tokens.reshape(b, -1, c * patch * patch).norm(dim=-1, keepdim=True)
+
+
+def token_scale(scale: torch.Tensor, like: torch.Tensor, patch: int) -> torch.Tensor:
+    """A per-token factor (B, N, 1) broadcast back to the latent layout (B, 1, H, W)."""
+    b, _, hh, ww = like.shape
+    grid = scale.view(b, 1, hh // patch, ww // patch)
+    return grid.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -122,14 +156,17 @@ class RectifiedFlow:
 
     # -- sampling ---------------------------------------------------------------------------------------------
     def guided_velocity(self, model: Model, x, t, cond, neg, cfg: float, patch: int) -> torch.Tensor:
-        """CFG v = v_neg + cfg·(v_cond − v_neg), rescaled per token to ‖v_cond‖; both halves in one batch."""
+        """CFG v = v_neg + cfg·(v_cond − v_neg), rescaled per token to ‖v_cond‖ (a token whose combined norm is 0
+        keeps it); both halves in one batch, conditional first, as the Lens pipeline."""
         if neg is None or cfg == 1.0:
             return self.velocity(model(x, t, *cond), x, t)
         text, mask = pad_text([cond[0], neg[0]], [cond[1], neg[1]])
         x2, t2 = torch.cat([x, x]), torch.cat([t, t])
         v_cond, v_neg = self.velocity(model(x2, t2, text, mask), x2, t2).chunk(2)
         v = v_neg + cfg * (v_cond - v_neg)
-        return v * (per_token_norm(v_cond, patch) / per_token_norm(v, patch).clamp_min(1e-12))
+        cond_norm, norm = per_token_norm(v_cond, patch), per_token_norm(v, patch)
+        scale = torch.where(norm > 0, cond_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+        return v * token_scale(scale, v, patch)
 
     @torch.no_grad()
     def sample(self, model: Model, noise, text, text_mask, steps: int = 20, cfg: float = 1.0, neg=None,
@@ -137,17 +174,20 @@ class RectifiedFlow:
         """Euler from noise (B, C, H, W) at t = 1 to x0 on the shifted σ schedule.
 
         text (B, L, D) / text_mask (B, L) condition; neg = (features, mask) of the negative prompt(s), batch B
-        or 1 (an empty prompt: (1, 0, D) features), used when cfg ≠ 1.
+        or 1 (an empty prompt: (1, 0, D) features), used when cfg ≠ 1. Each step is the Lens pipeline's: the
+        model sees t = (1000·σ)/1000 (its scheduler's timestep, in x's dtype), then x ← x + (σ' − σ)·v in float32,
+        stored back in x's dtype (the model's in the pipeline; fp32 under autocast).
         """
         patch = patch or model_patch(model)
         b = noise.shape[0]
         if neg is not None and neg[0].shape[0] == 1 and b > 1:
             neg = (neg[0].expand(b, -1, -1), neg[1].expand(b, -1))
         tokens = noise.shape[-2] * noise.shape[-1] // patch**2
-        sigmas = sigma_schedule(steps, tokens, mu).tolist()
+        sigmas = sigma_schedule(steps, tokens, mu).to(noise.device)
         x = noise
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            t = torch.full((b,), s, device=x.device)
+        for i in range(steps):
+            t = (sigmas[i] * 1000).expand(b).to(x.dtype) / 1000
             v = self.guided_velocity(model, x, t, (text, text_mask), neg, cfg, patch)
-            x = x + (s_next - s) * v.to(x.dtype)
+            step = x.to(torch.promote_types(x.dtype, torch.float32)) + (sigmas[i + 1] - sigmas[i]) * v
+            x = step.to(x.dtype)  # x keeps its dtype (the model's; fp32 under autocast)
         return x

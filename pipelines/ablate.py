@@ -171,10 +171,11 @@ def run_config(base: TrainConfig, variant: Variant, seed: int, steps: int) -> Tr
 
 
 def trained_to(run: Path) -> int:
+    from inference.checkpoint import step_of
     from training.train_checkpoint import complete_checkpoints
 
     found = complete_checkpoints(run)
-    return int(found[-1].name.split("_")[-1]) if found else 0
+    return step_of(found[-1]) if found else 0
 
 
 def train_run(cfg: TrainConfig, set_dir: Path, run: Path) -> bool:

@@ -20,7 +20,8 @@ from training.train_config import TrainConfig
 def resolve_shard_set(data: str | Path, cfg: TrainConfig, needed: list[str], config_file: str | Path) -> Path:
     """The one shard set under DATA that this recipe can train on and that holds every needed variant. A set that
     fits but lacks variants → ValueError with the precompute command that makes one with them."""
-    from training.loader import encoder_mismatches, shard_set_candidates
+    from training.cache_key import encoder_mismatches, training_key
+    from training.loader import shard_set_candidates
     from training.shard_format import ENCODERS_FILE, read_encoders
 
     root, model = Path(data), cfg.model_config_resolved()
@@ -33,11 +34,12 @@ def resolve_shard_set(data: str | Path, cfg: TrainConfig, needed: list[str], con
                                 "caption.variants=[dense,short] --set precompute.variants=[dense,short,alt] --until "
                                 "precompute` (DATA = abl/data; see pipelines/ablate.py)")
     fits, lacking, problems = [], [], []
+    expected = training_key(cfg)  # the caption mix below does not enter it
     for c in candidates:
         encoders = read_encoders(c)
         have = list(encoders.get("text", {}).get("variants", []))
         probe = cfg.model_copy(update={"data": cfg.data.model_copy(update={"captions": {v: 1.0 for v in have}})})
-        wrong = encoder_mismatches(encoders, probe, model)
+        wrong = encoder_mismatches(encoders, probe, model, expected)
         missing = [v for v in needed if v not in have]
         if wrong:
             problems.append(f"{c.name}: {'; '.join(wrong)}")

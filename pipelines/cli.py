@@ -16,7 +16,8 @@ import os
 import sys
 
 # Import order is the order in `lensforge --help`.
-COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate", "serve_captioner", "caption", "precompute", "train", "run", "models", "generate", "evaluate", "ablate", "doctor"]
+COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate", "serve_captioner", "caption", "precompute", "train", "run",
+                   "models", "generate", "export", "evaluate", "ablate", "doctor"]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

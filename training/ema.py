@@ -4,8 +4,9 @@
     ema.update(model)                               # after each optimizer step: e ← decay·e + (1 − decay)·p
     full = ema.full_state(model)                    # {name: tensor} of the whole model (a collective under FSDP)
 
-Names are the plain model's (`blocks.0.img.qkv.weight`), whatever wrappers (DDP's `module.`, activation
-checkpointing's `_checkpoint_wrapped_module.`) sit in between. Under FSDP each rank averages its own shard only.
+Names are the plain model's (`transformer_blocks.0.attn.img_qkv.weight`), whatever wrappers (DDP's `module.`,
+activation checkpointing's `_checkpoint_wrapped_module.`) sit in between. Under FSDP each rank averages its own
+shard only.
 """
 
 from __future__ import annotations

@@ -30,9 +30,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from inference.checkpoint import file_fingerprint
-from inference.config import ModelConfig
-from training.shard_format import ENCODERS_FILE, FORMAT_VERSION, dict_diff, read_encoders, read_index, read_sample
+from training.cache_key import encoder_mismatches, training_key
+from training.shard_format import ENCODERS_FILE, read_encoders, read_index, read_sample
 from training.train_config import TrainConfig
 
 
@@ -46,7 +45,7 @@ def held_out(key: str, fraction: float) -> bool:
     return fraction > 0 and int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32 < fraction
 
 
-# --- the shard set and its cache key -------------------------------------------------------------------------------
+# --- the shard set (its cache key: training/cache_key.py) -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -70,55 +69,6 @@ class ShardSet:
         return sum(b.samples for b in self.buckets.values())
 
 
-def text_weights_path(spec: str) -> Path:
-    """The directory whose fingerprint precompute records for a text encoder spec (no model is loaded)."""
-    from inference.text import _minilm_dir, parse_text_spec
-
-    kind, path, _ = parse_text_spec(spec)
-    return _minilm_dir() if kind == "minilm" else Path(path)
-
-
-def expected_encoders(cfg: TrainConfig, model: ModelConfig) -> dict:
-    """The part of encoders.json this config decides, computed without loading either encoder: the codec and
-    its channels, the text encoder, its weights fingerprint and the feature mode, plus `cfg.encoders`."""
-    codec_path = cfg.codec.partition(":")[2] if cfg.codec.startswith("flux2:") else None
-    expected = {
-        "format": FORMAT_VERSION,
-        "codec": {"codec": cfg.codec, "channels": model.in_channels,
-                  "weights": file_fingerprint(codec_path) if codec_path else None},
-        "text": {"text_encoder": cfg.text_encoder, "mode": "features",
-                 "weights": file_fingerprint(text_weights_path(cfg.text_encoder))},
-    }
-    return _merge(expected, cfg.encoders)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _project(found: dict, like: dict) -> dict:
-    """`found` restricted to the keys of `like`, recursively (a key missing in `found` stays missing)."""
-    return {k: _project(found[k], v) if isinstance(v, dict) and isinstance(found[k], dict) else found[k]
-            for k, v in like.items() if k in found}
-
-
-def encoder_mismatches(encoders: dict, cfg: TrainConfig, model: ModelConfig) -> list[str]:
-    """Every way a shard set's encoders.json disagrees with this config and model ([] = usable)."""
-    problems = dict_diff(_project(encoders, expected := expected_encoders(cfg, model)), expected)
-    text = encoders.get("text", {})
-    width, want = text.get("dim", 0) * len(text.get("layers", [])), model.text_layers * model.text_dim
-    if width != want:
-        problems.append(f"text features {len(text.get('layers', []))} layers × {text.get('dim')} = {width} wide, "
-                        f"model {model.name!r} wants {model.text_layers} × {model.text_dim} = {want}")
-    missing = sorted(v for v, p in cfg.data.captions.items() if p > 0 and v not in text.get("variants", []))
-    if missing:
-        problems.append(f"caption variants {missing} not in the shards (they hold {text.get('variants')})")
-    return problems
-
-
 def shard_set_candidates(root: Path, shard_set: str | None) -> list[Path]:
     """The shard sets to consider: `root` itself when it is one, DATA/shards/<shard_set> when named, else every set."""
     if (root / ENCODERS_FILE).is_file():
@@ -135,7 +85,8 @@ def open_shard_set(data: str | Path, cfg: TrainConfig) -> ShardSet:
     candidates = shard_set_candidates(root, cfg.data.shard_set)
     if not candidates:
         raise FileNotFoundError(f"no shard set under {root / 'shards'}: run `lensforge precompute --data {root}`")
-    found = {c: encoder_mismatches(read_encoders(c), cfg, model) for c in candidates}
+    expected = training_key(cfg)  # fingerprints the weights once, for every candidate
+    found = {c: encoder_mismatches(read_encoders(c), cfg, model, expected) for c in candidates}
     good = [c for c, problems in found.items() if not problems]
     if not good:
         why = " | ".join(f"{c.name}: {'; '.join(p)}" for c, p in found.items())

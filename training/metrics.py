@@ -139,7 +139,7 @@ class SampleGrid:
         self.dir, self.spec, self.prompts = Path(run) / "samples", spec, prompts
         self.steps, self.cfg, self.seed, self.device = steps, cfg, seed, device
         self.size = size or spec.model.base_size
-        encoder = load_text_encoder(spec.text_encoder, device=device)
+        encoder = load_text_encoder(spec.text_encoder, device=device, date=spec.text_date)
         self.text = CachedText(encoder, prompts + [""])
         del encoder
         self.codec = load_codec(spec.codec, device=device)

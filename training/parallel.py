@@ -76,14 +76,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """Each block recomputed in the backward: activations of one block at a time instead of all of them."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)  # no randomness inside a block
+    for i, block in enumerate(model.transformer_blocks):
+        # no randomness inside a block
+        model.transformer_blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:
     """`torch.compile` per block (in place: parameter names do not change). Blocks repeat, so one compiled
     graph per distinct token shape serves all of them."""
-    for block in model.blocks:
+    for block in model.transformer_blocks:
         block.compile()
 
 
@@ -98,7 +99,7 @@ def apply_fsdp(model: nn.Module, d: Dist, bf16: bool, reshard_after_forward: boo
     # bf16: gather and compute in bf16, reduce gradients in fp32 (torchtitan's default); fp32 master weights.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
-    for block in model.blocks:
+    for block in model.transformer_blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model

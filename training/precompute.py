@@ -3,15 +3,17 @@
     lensforge precompute --data data --codec pixel --text-encoder minilm --variants dense,alt
 
 Steps (kill at any moment and rerun the same command: only unfinished shards are redone):
-  1. candidates: kept manifest rows with every requested caption variant ok (the rest counted as skipped);
-  2. probe, one Ray task on an encoder's resources: codec + text-encoder identities, weights fingerprints, the
-     codec's size multiple, token counts of a caption sample → encoders.json and the shard set id;
-  3. plan on the driver, from sizes alone: bucket per image, small buckets merged or dropped, a fixed shard per
+  1. the cache key from the configs alone (training/cache_key.py: identities from the models' config files,
+     weights fingerprints; nothing loaded) → encoders.json and the shard set id;
+  2. candidates: kept manifest rows with every requested caption variant ok (the rest counted as skipped);
+  3. probe, one Ray task on an encoder's resources: loads both models, checks they agree with the key, counts the
+     tokens of a caption sample;
+  4. plan on the driver, from sizes alone: bucket per image, small buckets merged or dropped, a fixed shard per
      key; the storage estimate is printed and checked against `disk_budget_gb` and the free disk;
-  4. Ray Data over the unfinished shards: decode + resize/crop tasks (CPU) → encoder actors (a GPU each where
+  5. Ray Data over the unfinished shards: decode + resize/crop tasks (CPU) → encoder actors (a GPU each where
      the cluster has GPUs) → the driver streams the samples into `shard-N.tar.tmp`, renames it when the shard is
      complete and then writes its done marker;
-  5. index.parquet, errors.parquet, DATA/reports/buckets.html and DATA/reports/precompute.json.
+  6. index.parquet, errors.parquet, DATA/reports/buckets.html and DATA/reports/precompute.json.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import yaml
 
 from curation.ray_runtime import init_ray
 from training.bucket_report import format_buckets, write_bucket_report
-from training.buckets import LENS_BASE_SIDES, LENS_RATIOS, BucketTable
+from training.buckets import BucketTable
+from training.cache_key import encoders_record, loaded_mismatches, table_for
 from training.precompute_config import PrecomputeConfig
 from training.precompute_plan import (
     assign_buckets,
@@ -39,14 +42,8 @@ from training.precompute_plan import (
     read_candidates,
     shard_hashes,
 )
-from training.precompute_workers import RESAMPLE, Encoder, decode_batch, probe_encoders
-from training.shard_format import (
-    ERRORS_FILE,
-    FORMAT_VERSION,
-    INDEX_FILE,
-    shard_set_id,
-    write_encoders,
-)
+from training.precompute_workers import Encoder, decode_batch, probe_encoders
+from training.shard_format import ERRORS_FILE, INDEX_FILE, shard_set_id, write_encoders
 
 PADDED_TOKENS = 512  # the padded layout the estimate compares against (GPT-OSS's 512-token limit)
 TAR_OVERHEAD = 3 * 512 + 3 * 256 + 512  # per sample: 3 member headers, average padding, safetensors header
@@ -56,35 +53,6 @@ def shards_dir(data: str | Path) -> Path:
     return Path(data) / "shards"
 
 
-def table_for(cfg: PrecomputeConfig, codec_multiple: int) -> BucketTable:
-    multiple = cfg.buckets.multiple or codec_multiple
-    if multiple % codec_multiple:
-        raise ValueError(f"buckets.multiple {multiple} is not a multiple of the codec's {codec_multiple}")
-    return BucketTable(cfg.buckets.base_sides or LENS_BASE_SIDES, cfg.buckets.ratios or LENS_RATIOS, multiple)
-
-
-def encoders_record(probe: dict, cfg: PrecomputeConfig, table: BucketTable) -> dict:
-    """The cache key (encoders.json): everything that changes a stored tensor. Training builds the same record
-    from its config (`expected_encoders`) and refuses shards that differ (`shard_format.check_encoders`)."""
-    features = cfg.text_mode == "features"
-    return {
-        "format": FORMAT_VERSION,
-        "codec": {**probe["codec"], "compute_dtype": cfg.codec_dtype, "latent_dtype": cfg.latent_dtype},
-        "text": {**probe["text"], "compute_dtype": cfg.text_encoder_dtype, "mode": cfg.text_mode,
-                 "dtype": cfg.text_dtype if features else "int32", "variants": list(cfg.variants)},
-        "buckets": table.identity(),
-        "crop": cfg.crop,
-        "flip": cfg.flip,
-        "resample": RESAMPLE,
-    }
-
-
-def expected_encoders(cfg: PrecomputeConfig) -> dict:
-    """The encoders.json a precompute run with `cfg` writes, computed locally (loads both models)."""
-    probe = probe_encoders(cfg, {})
-    return encoders_record(probe, cfg, table_for(cfg, probe["multiple"]))
-
-
 def estimate_storage(rows: pd.DataFrame, table: BucketTable, probe: dict, cfg: PrecomputeConfig) -> dict:
     """Bytes per sample (latent per bucket, mean tokens per variant × feature width × dtype) and in total, and
     the same sample with every caption padded to 512 tokens in float32."""
@@ -92,8 +60,7 @@ def estimate_storage(rows: pd.DataFrame, table: BucketTable, probe: dict, cfg: P
     cells = {b.name: c * (b.width // f) * (b.height // f) for b in table.buckets}
     mean_cells = float(rows["bucket"].map(cells).mean()) if len(rows) else 0.0
     latent = mean_cells * (2 if cfg.latent_dtype == "bfloat16" else 4)
-    per_token = {"token_ids": 4, "bfloat16": 2 * dim, "float8_e4m3fn": dim + 4}[
-        "token_ids" if cfg.text_mode == "token_ids" else cfg.text_dtype]
+    per_token = {"bfloat16": 2 * dim, "float8_e4m3fn": dim + 4}[cfg.text_dtype]
     tokens = {v: (sum(ls) / len(ls) if ls else 0.0) for v, ls in probe["lengths"].items()}
     text = sum(tokens.values()) * per_token
     captions = sum(rows[caption_column(v)].str.len().mean() for v in cfg.variants) if len(rows) else 0.0
@@ -126,7 +93,7 @@ def check_budget(est: dict, cfg: PrecomputeConfig, remaining_bytes: float, out: 
     if cfg.disk_budget_gb is not None and est["total"] > cfg.disk_budget_gb * 1e9:
         raise ValueError(
             f"precompute: estimated {_size(est['total'])} is above disk_budget_gb {cfg.disk_budget_gb:g}; "
-            "raise the budget, store fp8 (text_dtype: float8_e4m3fn) or token ids only (text_mode: token_ids)")
+            "raise the budget or store fp8 (text_dtype: float8_e4m3fn)")
     free = shutil.disk_usage(out).free
     if remaining_bytes > free:
         raise ValueError(f"precompute: {_size(remaining_bytes)} left to write but only {_size(free)} free at {out}")
@@ -274,21 +241,21 @@ def _probe(cfg: PrecomputeConfig, rows: pd.DataFrame) -> dict:
 
 def precompute(data: str | Path, cfg: PrecomputeConfig, ray_address: str | None = None) -> Path:
     """Run (or finish) the shard set of `cfg` under DATA/shards/; returns its directory."""
-    from inference.text import parse_text_spec
-
     data = Path(data)
-    parse_text_spec(cfg.text_encoder)  # a wrong name or path fails here, in one line, before Ray starts
     timings: dict = {}
     started = time.perf_counter()
+    table = table_for(cfg)
+    record = encoders_record(cfg, table)  # a wrong spec or path fails here, in one line, before Ray starts
     rows, skipped = read_candidates(data, cfg.variants)
     print(f"precompute: {len(rows):,} kept images with every variant of {cfg.variants}; "
           f"{sum(skipped.values()):,} skipped" + (f" ({dict(skipped)})" if skipped else ""))
     init_ray(ray_address)
     probe = _probe(cfg, rows)
     timings["probe_s"] = round(time.perf_counter() - started, 3)
+    if problems := loaded_mismatches(record, probe):
+        raise ValueError("precompute: the loaded encoders disagree with the cache key made from their config "
+                         f"files: {'; '.join(problems)}")
 
-    table = table_for(cfg, probe["multiple"])
-    record = encoders_record(probe, cfg, table)
     set_dir = shards_dir(data) / shard_set_id(record)
     rows, plan_errors = locate_images(data, rows)
     rows, changes = assign_buckets(rows, table, cfg.min_bucket_samples, cfg.small_buckets)

@@ -1,14 +1,14 @@
 """Typed configuration of `lensforge precompute` (the `precompute:` section of a lensforge YAML file).
 
-Everything that changes the stored tensors goes into the shard set's `encoders.json` (training/precompute.py,
+Everything that changes the stored tensors goes into the shard set's `encoders.json` (training/cache_key.py,
 `encoders_record`); the rest (actors, batch sizes, budget, small-bucket policy) only changes how the run goes.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
+import datetime
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -41,6 +41,8 @@ class PrecomputeConfig(_Strict):
     # What to encode, with what.
     codec: str = Field("pixel", description="pixel | pixel:F | flux2:PATH (inference/codecs.py)")
     text_encoder: str = Field("minilm", description="minilm | hf:PATH@layers | gpt-oss:PATH (inference/text.py)")
+    # Fixed, so that a rerun on another day makes the same shard set (Lens's pipeline renders today's date).
+    text_date: str = Field("2025-08-05", description="the chat's 'Current date' (YYYY-MM-DD) for gpt-oss encoders")
     variants: list[str] = Field(["dense"], min_length=1, description="caption variants; `alt` = the manifest's alt; "
                                 "`dense@15` = dense cut to its first 15 words (training/caption_variants.py)")
     codec_dtype: Literal["float32", "bfloat16"] = Field("float32", description="the codec's compute dtype")
@@ -53,8 +55,6 @@ class PrecomputeConfig(_Strict):
     # No flipping: dense captions say "top left"; a mirrored image would contradict its own caption.
     flip: Literal["none"] = "none"
     latent_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    text_mode: Literal["features", "token_ids"] = Field(
-        "features", description="token_ids: store the encoder's token ids only; training encodes text online")
     text_dtype: Literal["bfloat16", "float8_e4m3fn"] = Field(
         "bfloat16", description="float8_e4m3fn stores a float32 scale per token beside the features")
     shard_size: int = Field(1000, ge=1, description="samples per output tar")
@@ -75,6 +75,14 @@ class PrecomputeConfig(_Strict):
     encoder_actors: int = Field(1, ge=1, description="encoder actors (one codec + text-encoder copy each)")
     gpus_per_actor: float | None = Field(None, ge=0, description="None = 1 when the Ray cluster has GPUs, else 0")
     cpus_per_actor: float = Field(1.0, ge=0, description="also the torch threads of a CPU-only actor")
+
+    @field_validator("text_date")
+    @classmethod
+    def _date(cls, date: str) -> str:
+        try:
+            return datetime.date.fromisoformat(date).isoformat()
+        except ValueError:
+            raise ValueError(f"text_date {date!r} is not YYYY-MM-DD") from None
 
     @field_validator("variants")
     @classmethod

@@ -2,7 +2,7 @@
 
     decode_batch(rows, data=..., max_pixels=...)   # pandas batch of plan rows → pixels of each row's bucket
     Encoder(cfg)(batch)                             # → packed samples (tensors.safetensors, meta.json) or errors
-    probe_encoders(cfg, texts)                      # identities + weights fingerprints + text lengths
+    probe_encoders(cfg, texts)                      # loaded identities + geometry + text lengths
 
 Nothing here normalizes latents or templates text: `inference.codecs` and `inference.text` do, in the actor.
 A row that fails (corrupt bytes, failed encode) leaves as a row with `error` set, never as an exception.
@@ -93,39 +93,24 @@ def load_encoders(cfg: PrecomputeConfig, device: str | None = None):
 
     device = device or _device()
     codec = load_codec(cfg.codec, device=device, dtype=getattr(torch, cfg.codec_dtype))
-    text = load_text_encoder(cfg.text_encoder, device=device, dtype=getattr(torch, cfg.text_encoder_dtype))
+    text = load_text_encoder(cfg.text_encoder, device=device, dtype=getattr(torch, cfg.text_encoder_dtype),
+                             date=cfg.text_date)
     return codec, text
 
 
-def token_ids(encoder, prompt: str) -> list[int]:
-    """The prompt's token ids as `encoder.encode` would feed them, the template's fixed prefix left out."""
-    if not prompt.strip():
-        return []
-    return list(encoder._token_ids(prompt)[len(encoder.prefix):])  # HFTextEncoder's tokenization, not a copy
-
-
 def probe_encoders(cfg: PrecomputeConfig, texts: dict[str, list[str]]) -> dict:
-    """Identities (with weights fingerprints) of the codec and text encoder, the codec's geometry, the feature
-    width, and the token count of each sample text per variant (for the storage estimate)."""
-    from inference.checkpoint import file_fingerprint
-
+    """The loaded codec's and text encoder's identities (checked against the cache key by the driver), the codec's
+    geometry, the feature width, and the token count of each sample text per variant (for the storage estimate)."""
     codec, encoder = load_encoders(cfg)
-    codec_weights = cfg.codec.partition(":")[2] if cfg.codec.startswith("flux2:") else None
     lengths = {}
     for variant, sample in texts.items():
-        if cfg.text_mode == "token_ids":
-            lengths[variant] = [len(token_ids(encoder, t)) for t in sample]
-        else:
-            lengths[variant] = []
-            for start in range(0, len(sample), cfg.batch_size):
-                _, mask = encoder.encode(sample[start:start + cfg.batch_size])
-                lengths[variant] += mask.sum(1).tolist()
-    return {
-        "codec": {**codec.identity(), "weights": file_fingerprint(codec_weights) if codec_weights else None},
-        "text": {**encoder.identity(), "weights": file_fingerprint(encoder.path)},
-        "channels": codec.channels, "factor": codec.factor, "multiple": codec.multiple,
-        "feature_dim": encoder.feature_dim, "lengths": lengths,
-    }
+        lengths[variant] = []
+        for start in range(0, len(sample), cfg.batch_size):
+            _, mask = encoder.encode(sample[start:start + cfg.batch_size])
+            lengths[variant] += mask.sum(1).tolist()
+    return {"codec": codec.identity(), "text": encoder.identity(), "channels": codec.channels,
+            "factor": codec.factor, "multiple": codec.multiple, "feature_dim": encoder.feature_dim,
+            "lengths": lengths}
 
 
 class Encoder:
@@ -146,9 +131,7 @@ class Encoder:
         return self.codec.encode(images).float().cpu()  # (B, C, H/f, W/f)
 
     def _texts(self, captions: list[str]) -> list[torch.Tensor]:
-        """Per caption: (L, D) features where the mask is True, or (L,) token ids in token_ids mode."""
-        if self.cfg.text_mode == "token_ids":
-            return [torch.tensor(token_ids(self.text, c), dtype=torch.int32) for c in captions]
+        """Per caption: (L, D) features where the mask is True."""
         features, mask = self.text.encode(captions)  # (B, L, D), (B, L)
         return [features[i][mask[i]] for i in range(len(captions))]
 
@@ -161,9 +144,8 @@ class Encoder:
         out = []
         for i, r in enumerate(rows):
             texts = {v: per_variant[v][i] for v in self.cfg.variants}
-            kind = {"ids": texts} if self.cfg.text_mode == "token_ids" else {"text": texts}
-            packed = pack_sample(r["key"], latents[i], meta[i], text_dtype=self.cfg.text_dtype,
-                                 latent_dtype=self.cfg.latent_dtype, **kind)
+            packed = pack_sample(r["key"], latents[i], meta[i], text=texts, text_dtype=self.cfg.text_dtype,
+                                 latent_dtype=self.cfg.latent_dtype)
             out.append({"sample": packed["tensors.safetensors"], "meta": packed["meta.json"], "error": None})
         return out
 

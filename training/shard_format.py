@@ -2,7 +2,8 @@
 
 Layout under DATA/shards/:
 
-    <set_id>/encoders.json                     the cache key (canonical JSON); set_id = sha256(it)[:12]
+    <set_id>/encoders.json                     the cache key (fields: training/cache_key.py); set_id = sha256 of
+                                               its canonical JSON, first 12 hex digits
     <set_id>/index.parquet                     one row per shard: path, bucket, base, samples, bytes
     <set_id>/errors.parquet                    one row per sample that could not be made: key, stage, error
     <set_id>/<W>x<H>/shard-000000.tar          webdataset tars, one aspect bucket per folder
@@ -20,9 +21,6 @@ Each sample (plain webdataset, readable with `webdataset.WebDataset(paths)`):
                            D = K·dim, the K layers concatenated, exactly what `TextEncoder.encode` returns
         or, with text_dtype float8_e4m3fn,
         text.<variant>     (L, D) float8_e4m3fn and scale.<variant> (L,) float32: x ≈ text · scale[:, None]
-        or, in token_ids mode,
-        ids.<variant>      (L,) int32: the encoder's token ids of the prompt (its template prefix, if any, left out:
-                           training puts the encoder's fixed prefix in front, runs it, and drops the prefix again)
     meta.json              {"key", "bucket": "WxH", "base", "ratio", "size": [w, h] (original, as decoded),
                             "crop": [left, top, right, bottom] (original pixels), "upscaled", "variants": [...],
                             "captions": {variant: text}}
@@ -31,7 +29,7 @@ An empty caption has L = 0 (a (0, D) tensor): no text tokens, the same conventio
 
     from training.shard_format import read_sample, check_encoders
     check_encoders("data/shards/3f2a9c0e1b7d", expected)   # ValueError naming what differs
-    for s in webdataset.WebDataset(paths): sample = read_sample(s)   # {"key", "latent", "text", "ids", "meta"}
+    for s in webdataset.WebDataset(paths): sample = read_sample(s)   # {"key", "latent", "text", "meta"}
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Lens's chat for gpt-oss (template, date, offset in the key), no token-id samples
 ENCODERS_FILE = "encoders.json"
 INDEX_FILE = "index.parquet"
 ERRORS_FILE = "errors.parquet"
@@ -85,8 +83,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def pack_sample(key: str, latent: torch.Tensor, meta: dict, text: dict[str, torch.Tensor] | None = None,
-                ids: dict[str, torch.Tensor] | None = None, text_dtype: str = "bfloat16",
-                latent_dtype: str = "bfloat16") -> dict:
+                text_dtype: str = "bfloat16", latent_dtype: str = "bfloat16") -> dict:
     """The webdataset sample dict (all values bytes, `__key__` a str) of one image and its caption variants."""
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r}: webdataset keys may not contain '.' or '/'")
@@ -96,8 +93,6 @@ def pack_sample(key: str, latent: torch.Tensor, meta: dict, text: dict[str, torc
             tensors[f"text.{variant}"], tensors[f"scale.{variant}"] = quantize_fp8(feats)
         else:
             tensors[f"text.{variant}"] = feats.to(DTYPES[text_dtype]).contiguous()
-    for variant, tok in (ids or {}).items():  # (L,)
-        tensors[f"ids.{variant}"] = tok.to(torch.int32).contiguous()
     return {"__key__": key, "tensors.safetensors": st_save(tensors), "meta.json": canonical_json(meta).encode()}
 
 
@@ -107,22 +102,19 @@ def write_sample(sink, key: str, latent: torch.Tensor, meta: dict, **kwargs) -> 
 
 
 def read_sample(sample: dict) -> dict:
-    """A webdataset sample (raw bytes, or `meta.json` already decoded) → {"key", "latent", "text", "ids", "meta"}.
-    `text[variant]`: (L, D) bfloat16 (fp8 dequantized to bfloat16); `ids[variant]`: (L,) int32."""
+    """A webdataset sample (raw bytes, or `meta.json` already decoded) → {"key", "latent", "text", "meta"}.
+    `text[variant]`: (L, D) bfloat16 (fp8 dequantized to bfloat16)."""
     blob = sample["tensors.safetensors"]
     tensors = st_load(bytes(blob)) if isinstance(blob, (bytes, bytearray, memoryview)) else blob
     meta = sample["meta.json"]
     meta = json.loads(meta) if isinstance(meta, (bytes, bytearray, str)) else meta
-    text, ids = {}, {}
+    text = {}
     for name, value in tensors.items():
         kind, _, variant = name.partition(".")
         if kind == "text":
             scale = tensors.get(f"scale.{variant}")
             text[variant] = value if scale is None else dequantize_fp8(value, scale).to(torch.bfloat16)
-        elif kind == "ids":
-            ids[variant] = value
-    return {"key": sample.get("__key__", meta.get("key")), "latent": tensors["latent"], "text": text, "ids": ids,
-            "meta": meta}
+    return {"key": sample.get("__key__", meta.get("key")), "latent": tensors["latent"], "text": text, "meta": meta}
 
 
 # --- the shard set ------------------------------------------------------------------------------------------------

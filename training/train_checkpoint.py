@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -38,25 +37,24 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from inference.checkpoint import CheckpointSpec, save_checkpoint
+from inference.checkpoint import STEP_DIR, CheckpointSpec, save_checkpoint, step_dir_name, step_of
 from inference.mmdit import MMDiT
 from training.ema import EMA
 from training.parallel import Dist, gather_objects
 
 STATE_FILE = "trainer_state.json"
 OPTIM_DIR = "optimizer"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def step_dir(run: str | Path, step: int) -> Path:
-    return Path(run) / "checkpoints" / f"step_{step:08d}"
+    return Path(run) / "checkpoints" / step_dir_name(step)
 
 
 def complete_checkpoints(run: str | Path) -> list[Path]:
     """Step directories with a trainer state, oldest first."""
     ckpts = Path(run) / "checkpoints"
     found = [p for p in ckpts.glob("step_*") if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def remove_incomplete(run: str | Path) -> None:
@@ -100,7 +98,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def save(run: str | Path, step: int, model: nn.Module, optim: torch.optim.Optimizer, ema: EMA,
          spec: CheckpointSpec, rank_state: dict, extra: dict, d: Dist, keep: int) -> Path | None:
     """Every rank calls it (collectives under FSDP and for DCP). Returns the directory on rank 0."""
-    final, tmp = step_dir(run, step), step_dir(run, step).with_name(f".tmp-step_{step:08d}")
+    final = step_dir(run, step)
+    tmp = final.with_name(f".tmp-{final.name}")
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

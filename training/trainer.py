@@ -82,8 +82,10 @@ class Trainer:
         set_determinism(cfg, device)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         self.model_cfg = cfg.model_config_resolved()
-        self.spec = CheckpointSpec(model=self.model_cfg, codec=cfg.codec, text_encoder=cfg.text_encoder)
         self.shards = open_shard_set(data, cfg)
+        template = self.shards.encoders.get("text", {}).get("template") or {}  # the chat date GPT-OSS features had
+        self.spec = CheckpointSpec(model=self.model_cfg, codec=cfg.codec, text_encoder=cfg.text_encoder,
+                                   text_date=template.get("date"))
         source = self._find_checkpoint(resume)
         state = ckpt.load_trainer_state(source) if source else {}
 

@@ -1,5 +1,10 @@
-"""`lensforge generate "PROMPT" (--run RUN | --checkpoint DIR) --out DIR [--steps 20] [--cfg 5.0]
-[--size WxH | --aspect 16:9] [--seed 0] [--n 4] [--prompts FILE] [--rewrite --rewrite-base-url URL ...]`
+"""`lensforge generate "PROMPT" (--run RUN | --checkpoint PATH) --out DIR [--steps 20] [--cfg 5.0]
+[--size WxH | --aspect 16:9 [--base-size 1440]] [--seed 0] [--n 4] [--prompts FILE] [--dtype bf16] [--offload]
+[--rewrite --rewrite-base-url URL ...]`
+
+PATH: a step directory or weights file of a lensforge run, a Lens release root (`model_index.json`, `transformer/`,
+`vae/`, `text_encoder/`, `tokenizer/`), its `transformer/` folder, or a single-file DiT (the last two with
+`--codec` and `--text-encoder`, which name nothing themselves).
 
 Writes OUT/PPP_KK.png (prompt PPP, sample KK, seed = --seed + KK), OUT/PPP_grid.png when --n > 1, and
 OUT/generate.json with every setting, the checkpoint and each image's prompt and seed.
@@ -14,6 +19,7 @@ import time
 from pathlib import Path
 
 NAME = "generate"
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 HELP = "sample images from a checkpoint (a run's latest step, EMA preferred, or one step directory)"
 
 # Lens's "reasoner": an LLM expands a short prompt into the dense caption style the model was trained on.
@@ -28,20 +34,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="the prompt (or --prompts FILE)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run directory: its latest checkpoints/step_*, EMA weights preferred")
-    source.add_argument("--checkpoint", metavar="DIR", help="one step directory (or a .safetensors file)")
+    source.add_argument("--checkpoint", metavar="PATH", help="a step directory or .safetensors file, a Lens release "
+                        "root or its transformer/ folder, a single-file DiT")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16, area ≤ 1440² (default: the model's size)")
-    size.add_argument("--aspect", help="1:2, 9:16, 2:3, 3:4, 1:1, 4:3, 3:2, 16:9 or 2:1 at the model's area")
+    size.add_argument("--aspect", help="1:2, 9:16, 2:3, 3:4, 1:1, 4:3, 3:2, 16:9 or 2:1 (Lens's tables at base "
+                      "1024 and 1440, up to 2080x1040)")
+    parser.add_argument("--base-size", type=int, help="base side for --aspect and the default size (default: the "
+                        "model's; Lens: 1024, or 1440)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=4, help="images per prompt")
     parser.add_argument("--prompts", metavar="FILE", help="text file, one prompt a line (blank lines skipped)")
     parser.add_argument("--negative", default="", help="negative prompt (default: empty = no tokens)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights (default on CUDA)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="load the weights in this dtype (default: as "
+                        "stored); bfloat16 runs a bf16 release as the Lens pipeline does, no autocast")
+    parser.add_argument("--offload", action="store_true", help="keep the text encoder on the CPU except while it "
+                        "encodes (GPU memory: the larger of text encoder and denoiser + VAE, not their sum)")
+    parser.add_argument("--text-device", help="where the text encoder runs (default: --device); cpu keeps a bf16 "
+                        "GPT-OSS-20B (42 GB) off a smaller GPU")
+    parser.add_argument("--codec", help="latent codec spec, e.g. flux2:LENS_DIR/vae (default: the checkpoint's)")
+    parser.add_argument("--text-encoder", help="text encoder spec, e.g. gpt-oss:LENS_DIR (default: the checkpoint's)")
+    parser.add_argument("--date", help="YYYY-MM-DD for the GPT-OSS chat template's date line (default: the one the "
+                        "checkpoint's features were made with, else today's, as the Lens pipeline)")
+    parser.add_argument("--noise", choices=["tokens", "latent"], default="tokens", help="noise layout per seed: "
+                        "tokens = the Lens pipeline's (the same seed gives its image), latent = (C, H, W)")
     parser.add_argument("--no-ema", action="store_true", help="load model.safetensors even where EMA exists")
     rewrite = parser.add_argument_group("prompt rewriting (Lens's reasoner), off by default")
     rewrite.add_argument("--rewrite", action="store_true", help="expand each prompt with an LLM first")
@@ -105,24 +127,28 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from inference.checkpoint import resolve_checkpoint
+    from inference.checkpoint import describe_denoiser, latest_step_dir, stored_dtype
     from inference.generate import Pipeline, make_grid, parse_size, size_for_aspect, validate_size
 
     check_args(args)
     prompts = read_prompts(args)
-    weights, spec = resolve_checkpoint(run=args.run, checkpoint=args.checkpoint, prefer_ema=not args.no_ema)
-    base = spec.model.base_size
+    where = latest_step_dir(args.run) if args.run else args.checkpoint  # --run: its latest step, or an error
+    source = describe_denoiser(where, prefer_ema=not args.no_ema)
+    base = args.base_size or source.spec.model.base_size
     if args.size:
         width, height = parse_size(args.size)
     elif args.aspect:
-        width, height = size_for_aspect(args.aspect, base * base)
+        width, height = size_for_aspect(args.aspect, base)
     else:
         width, height = validate_size(base, base)
     rewritten = rewrite_prompts(prompts, args.rewrite_base_url, args.rewrite_model) if args.rewrite else prompts
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    autocast = torch.bfloat16 if args.bf16 or device.startswith("cuda") else None
-    pipe = Pipeline.load(weights, spec, device=device, autocast=autocast)
-
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    fp32 = (dtype or stored_dtype(source)) == torch.float32  # bf16 weights compute in bf16, as the Lens pipeline
+    autocast = torch.bfloat16 if fp32 and (args.bf16 or device.startswith("cuda")) else None
+    pipe = Pipeline.from_source(source, device=device, dtype=dtype, autocast=autocast, codec=args.codec,
+                                text_encoder=args.text_encoder, date=args.date, offload=args.offload,
+                                noise_layout=args.noise, text_device=args.text_device)
     jobs = [(i, k) for i in range(len(prompts)) for k in range(args.n)]
     start = time.perf_counter()
     images = pipe.generate([rewritten[i] for i, _ in jobs], width, height, steps=args.steps, cfg=args.cfg,
@@ -138,10 +164,14 @@ def run(args: argparse.Namespace) -> int:
         for i in range(len(prompts)):
             make_grid(images[i * args.n:(i + 1) * args.n]).save(out / f"{i:03d}_grid.png")
     settings = {
-        "checkpoint": str(weights), "spec": spec.model_dump(), "width": width, "height": height,
+        "checkpoint": [str(f) for f in source.files], "kind": source.kind, "spec": source.spec.model_dump(),
+        "codec": pipe.codec.spec, "text_encoder": pipe.text_encoder.identity(), "width": width, "height": height,
         "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "n": args.n, "negative": args.negative,
         "rewrite": {"base_url": args.rewrite_base_url, "model": args.rewrite_model} if args.rewrite else None,
-        "device": device, "seconds": round(time.perf_counter() - start, 2), "images": records,
+        "device": device, "dtype": str(pipe.dtype), "autocast": str(autocast) if autocast else None,
+        "offload": args.offload, "text_device": str(pipe.text_device), "noise": args.noise,
+        "seconds": round(time.perf_counter() - start, 2),
+        "images": records,
     }
     (out / "generate.json").write_text(json.dumps(settings, indent=2) + "\n")
     print(f"{len(images)} images of {width}x{height} in {settings['seconds']} s → {out}")

@@ -46,16 +46,16 @@ def test_latest_step_wins(tmp_path):
 
 def test_strict_load_names_missing_unexpected_and_misshaped_keys(tmp_path):
     state = MMDiT(SPEC.model).state_dict()
-    state.pop("final.bias")
+    state.pop("proj_out.bias")
     state["extra.weight"] = torch.zeros(2)
-    state["x_embed.weight"] = torch.zeros(3, 3)
+    state["img_in.weight"] = torch.zeros(3, 3)
     path = save_weights(tmp_path / "model.safetensors", state, SPEC)
     with pytest.raises(ValueError) as err:
         load_model(path, SPEC)
     message = str(err.value)
     assert "\n" not in message
-    assert "1 missing: final.bias" in message and "1 unexpected: extra.weight" in message
-    assert "x_embed.weight (3, 3)≠(128, 48)" in message
+    assert "1 missing: proj_out.bias" in message and "1 unexpected: extra.weight" in message
+    assert "img_in.weight (3, 3)≠(128, 48)" in message
 
 
 def test_unusable_checkpoints_are_clear_errors(tmp_path):
@@ -71,3 +71,18 @@ def test_unusable_checkpoints_are_clear_errors(tmp_path):
         resolve_checkpoint(checkpoint=tmp_path / "bare.safetensors")
     with pytest.raises(ValueError, match="exactly one"):
         resolve_checkpoint()
+
+
+def test_step_directories_have_one_owner(tmp_path):
+    from inference.checkpoint import step_dir_name, step_of
+
+    assert step_dir_name(42) == "step_00000042" and step_of(tmp_path / "step_00000042") == 42
+    for bad in "step_42", "step_00000042.tmp", ".tmp-step_00000042":
+        with pytest.raises(ValueError, match="step_XXXXXXXX"):
+            step_of(tmp_path / bad)
+
+
+def test_a_checkpoint_from_before_the_released_architecture_is_refused_by_name(tmp_path):
+    path = save_weights(tmp_path / "model.safetensors", {"blocks.0.img.qkv.weight": torch.zeros(3, 3)}, SPEC)
+    with pytest.raises(ValueError, match="before the released Lens architecture"):
+        load_model(path, SPEC)

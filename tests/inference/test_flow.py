@@ -30,17 +30,18 @@ class Field:
 
 
 def test_euler_integrates_a_known_velocity_field_exactly():
+    # exact up to the float32 rounding of t = (1000·σ)/1000 that the Lens scheduler's timesteps carry
     x0, noise = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
     text, mask = torch.zeros(2, 3, 6), torch.ones(2, 3, dtype=torch.bool)
     for steps in 1, 7, 20:
         out = RectifiedFlow().sample(Field(x0), noise, text, mask, steps=steps)
-        assert torch.allclose(out, x0, atol=1e-9)
+        assert torch.allclose(out, x0, atol=1e-6)
     # the same with x-prediction (converted to a velocity) and with CFG between two equal predictions
     out = RectifiedFlow(prediction="x", t_min=0.0).sample(Field(x0, "x"), noise, text, mask, steps=5)
-    assert torch.allclose(out, x0, atol=1e-9)
+    assert torch.allclose(out, x0, atol=1e-6)
     field = Field(x0)
     out = RectifiedFlow().sample(field, noise, text, mask, steps=4, cfg=5.0, neg=(text[:1, :0], mask[:1, :0]))
-    assert torch.allclose(out, x0, atol=1e-9)
+    assert torch.allclose(out, x0, atol=1e-6)
     assert field.calls == [(4, (4, 3, 6))] * 4  # cond and negative in one batch, padded to one length
 
 

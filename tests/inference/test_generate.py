@@ -8,7 +8,7 @@ import torch
 
 from inference.checkpoint import CheckpointSpec, save_random_checkpoint
 from inference.config import get_preset
-from inference.generate import ASPECTS, MAX_AREA, Pipeline, parse_size, size_for_aspect
+from inference.generate import ASPECTS, MAX_AREA, Pipeline, parse_size, size_for_aspect, validate_size
 from pipelines import cli
 
 
@@ -29,22 +29,30 @@ def lensforge(monkeypatch):
     return cli.main
 
 
-def test_aspect_table_and_size_validation():
-    for aspect in ASPECTS:
-        w, h = size_for_aspect(aspect, 1024 * 1024)
-        assert w % 16 == 0 and h % 16 == 0 and abs(w * h / 1024**2 - 1) < 0.05
-        rw, rh = ASPECTS[aspect]
-        assert abs(w / h - rw / rh) < 0.03
-        big = size_for_aspect(aspect, 1440 * 1440)
-        assert big[0] * big[1] <= MAX_AREA
-    assert size_for_aspect("16:9", 1024 * 1024) == (1360, 768)
-    assert size_for_aspect("1:1", 32 * 32) == (32, 32)
-    assert parse_size("1024x768") == (1024, 768)
-    for bad, match in ("1000x1000", "multiples of 16"), ("1600x1600", "cap"), ("big", "WIDTHxHEIGHT"):
+def test_aspect_sizes_are_the_releases_tables_at_1024_and_1440():
+    # the Lens pipeline's RESOLUTION_BUCKETS, written there as (height, width)
+    released = {1024: {"1:2": (1472, 736), "9:16": (1376, 768), "2:3": (1248, 832), "3:4": (1152, 864),
+                       "1:1": (1024, 1024), "4:3": (864, 1152), "3:2": (832, 1248), "16:9": (768, 1376),
+                       "2:1": (736, 1472)},
+                1440: {"1:2": (2080, 1040), "9:16": (1936, 1088), "2:3": (1760, 1168), "3:4": (1616, 1216),
+                       "1:1": (1440, 1440), "4:3": (1216, 1616), "3:2": (1168, 1760), "16:9": (1088, 1936),
+                       "2:1": (1040, 2080)}}
+    for base, table in released.items():
+        for aspect, (height, width) in table.items():
+            assert size_for_aspect(aspect, base) == (width, height), (base, aspect)
+            assert validate_size(width, height) == (width, height)  # 2080 × 1040 included
+    assert size_for_aspect("1:1", 32) == (32, 32)  # other bases: nearest area, sides ÷ 16
+    for aspect, (rw, rh) in ASPECTS.items():
+        w, h = size_for_aspect(aspect, 256)
+        assert w % 16 == 0 and h % 16 == 0 and abs(w * h / 256**2 - 1) < 0.1 and abs(w / h - rw / rh) < 0.1
+    assert parse_size("1024x768") == (1024, 768) and MAX_AREA == 2080 * 1040
+    for bad, match in ("1000x1000", "multiples of 16"), ("2096x1040", "cap"), ("big", "WIDTHxHEIGHT"):
         with pytest.raises(ValueError, match=match):
             parse_size(bad)
     with pytest.raises(ValueError, match="aspect"):
-        size_for_aspect("5:1", 1024 * 1024)
+        size_for_aspect("5:1", 1024)
+    with pytest.raises(ValueError, match="base size"):
+        size_for_aspect("1:1", 4000)
 
 
 def test_generate_cli_from_a_random_checkpoint(run_dir, tmp_path, lensforge, capsys):
@@ -59,7 +67,7 @@ def test_generate_cli_from_a_random_checkpoint(run_dir, tmp_path, lensforge, cap
     assert names == ["000_00.png", "000_01.png", "000_grid.png", "001_00.png", "001_01.png", "001_grid.png",
                      "002_00.png", "002_01.png", "002_grid.png", "generate.json"]
     settings = json.loads((out / "generate.json").read_text())
-    assert settings["checkpoint"].endswith("step_00000002/ema.safetensors")
+    assert settings["checkpoint"][0].endswith("step_00000002/ema.safetensors") and settings["kind"] == "lensforge"
     assert (settings["width"], settings["height"], settings["steps"], settings["cfg"]) == (32, 32, 3, 4.0)
     assert [r["seed"] for r in settings["images"]] == [7, 8] * 3
     assert settings["images"][2]["prompt"] == "a red circle top left"
@@ -81,6 +89,7 @@ def test_cli_errors_are_one_line_and_exit_2(run_dir, tmp_path, lensforge, capsys
         (["generate", "x", "--run", str(tmp_path), "--out", str(tmp_path / "o")], "no checkpoints"),
         (["generate", "x", "--run", str(run_dir), "--out", str(tmp_path / "o"), "--size", "33x32"], "multiples"),
         (["generate", "x", "--run", str(run_dir), "--out", str(tmp_path / "o"), "--size", "2048x2048"], "cap"),
+        (["generate", "x", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], "not found"),
         (["generate", "x", "--run", str(run_dir), "--out", str(tmp_path / "o"), "--aspect", "7:3"], "aspect"),
         (["generate", "--run", str(run_dir), "--out", str(tmp_path / "o")], "PROMPT"),
         (["generate", "x", "--run", str(run_dir), "--out", str(tmp_path / "o"), "--prompts", "nope.txt"],
@@ -100,7 +109,7 @@ def test_cli_errors_are_one_line_and_exit_2(run_dir, tmp_path, lensforge, capsys
 def test_models_lists_presets_with_parameter_counts(lensforge, capsys):
     assert lensforge(["models"]) == 0
     out = capsys.readouterr().out
-    assert "lens-3.8b" in out and "4,103,340,416" in out and "tiny" in out and "minilm" in out
+    assert "lens-3.8b" in out and "4,104,225,152" in out and "tiny" in out and "minilm" in out
 
 
 def test_pipeline_refuses_a_mismatched_text_encoder(run_dir, minilm):

@@ -1,6 +1,6 @@
 """A training shard set of rendered scenes, written straight in `training/shard_format.py`'s format (no curate, no
 captioner, no Ray): `scenes.render` → the `pixel` codec, `scenes.describe` captions → MiniLM features, and the
-cache key from precompute's own `encoders_record`, so the trainer's check sees what a real precompute writes.
+cache key from training/cache_key.py's `encoders_record`, so the trainer's check sees what a real precompute writes.
 
     set_dir = write_scene_shards(tmp / "data", {(32, 32): 64, (48, 32): 32})
 
@@ -21,9 +21,9 @@ from scenes import alt, describe, render
 from scenes.scene import BACKGROUNDS, CELLS, COLORS, SHAPES, Obj, Scene, random_scene
 from training.buckets import BucketTable
 from training.caption_variants import split_variant, variant_text
-from training.precompute import encoders_record, table_for
+from training.cache_key import encoders_record, table_for
 from training.precompute_config import BucketsConfig, PrecomputeConfig
-from training.precompute_workers import load_encoders, probe_encoders
+from training.precompute_workers import load_encoders
 from training.shard_format import INDEX_FILE, shard_name, shard_set_id, write_encoders, write_sample
 
 
@@ -67,9 +67,8 @@ def write_scene_shards(data: str | Path, buckets: dict[tuple[int, int], int], va
     caption cut to 15 words (`scene_caption`). `encoders_patch` overrides fields of
     encoders.json (to make shards that a config must refuse). Returns the set directory."""
     cfg = precompute_config(buckets, variants)
-    probe = probe_encoders(cfg, {})
-    table = table_for(cfg, probe["multiple"])
-    record = encoders_record(probe, cfg, table)
+    table = table_for(cfg)
+    record = encoders_record(cfg, table)
     for section, values in (encoders_patch or {}).items():
         record[section] = {**record[section], **values} if isinstance(values, dict) else values
     set_dir = Path(data) / "shards" / shard_set_id(record)

@@ -1,5 +1,6 @@
 """`lensforge precompute` end to end on a small DATA (pixel codec, packaged MiniLM, Ray on loopback): shards,
-errors, skipped keys, the stored features, the disk budget, and kill-and-resume equivalence."""
+errors, skipped keys, the stored features, the disk budget, and kill-and-resume equivalence; and on a tiny Lens
+release (its FLUX.2 VAE and GPT-OSS, by the release's own paths)."""
 
 import json
 import os
@@ -17,6 +18,7 @@ import webdataset as wds
 import yaml
 
 from training.buckets import BucketTable
+from training.cache_key import encoders_record
 from training.precompute import precompute
 from training.precompute_config import PrecomputeConfig
 from training.precompute_plan import assign_buckets
@@ -105,9 +107,45 @@ def test_encoders_json_is_the_cache_key_and_a_mismatch_is_refused(reference):
     assert record["text"]["weights"] and record["buckets"]["sizes"] == ["24x44", "32x32", "44x24", "44x92",
                                                                          "64x64", "92x44"]
     check_encoders(set_dir, record)
+    assert record == encoders_record(PrecomputeConfig(**SECTION))  # what the config alone says, nothing loaded
     other = {**record, "text": {**record["text"], "dtype": "float8_e4m3fn", "layers": [5]}}
     with pytest.raises(ValueError, match=r"text\.dtype: 'bfloat16' in the shards, 'float8_e4m3fn' expected"):
         check_encoders(set_dir, other)
+
+
+def test_a_tiny_lens_release_precomputes_by_its_own_paths(tmp_path, ray_local, data_builder):
+    """`--codec flux2:LENS/vae --text-encoder gpt-oss:LENS`: the VAE directory, the release's text_encoder/ and
+    tokenizer/, the transformer config's layers, the chat with the config's fixed date."""
+    import argparse
+
+    from inference.text import load_text_encoder
+    from pipelines.commands import precompute as command
+    from tests.inference.tiny_models import save_tiny_lens_release
+
+    lens = save_tiny_lens_release(tmp_path / "lens", layers=(1, 4, 9, 23))
+    data = data_builder(tmp_path / "data", [(64, 64)] * 3 + [(96, 48)] * 2)
+    config = tmp_path / "lensforge.yaml"
+    config.write_text(yaml.safe_dump({"precompute": {"buckets": {"base_sides": [64], "ratios": ["1:1", "2:1"]},
+                                                     "batch_size": 4, "decode_batch_size": 2}}))
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--data", str(data), "--codec", f"flux2:{lens}/vae", "--text-encoder",
+                              f"gpt-oss:{lens}", "--config", str(config)])
+    assert command.run(args) == 0
+    (set_dir,) = [p for p in (data / "shards").iterdir() if p.is_dir()]
+    record = read_encoders(set_dir)
+    assert record["codec"]["channels"] == 32 and record["text"]["layers"] == [1, 4, 9, 23]
+    assert record["text"]["template"]["date"] == PrecomputeConfig().text_date and record["text"]["tokenizer"]
+    samples = samples_of(set_dir)
+    assert len(samples) == 5
+    encoder = load_text_encoder(f"gpt-oss:{lens}", date=PrecomputeConfig().text_date)
+    for s in samples.values():
+        w, h = (int(x) for x in s["meta"]["bucket"].split("x"))
+        assert s["latent"].shape == (32, h // 8, w // 8)
+        features, mask = encoder.encode([s["meta"]["captions"]["dense"]])
+        stored = s["text"]["dense"]
+        assert stored.shape == (int(mask.sum()), 128) and stored.shape[0] > 22  # the prompt + the chat's suffix
+        torch.testing.assert_close(stored.float(), features[0][mask[0]], atol=0.03, rtol=0.02)
 
 
 def test_disk_budget_refuses_before_encoding(tmp_path, ray_local, capsys, data_builder):
