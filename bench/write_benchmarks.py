@@ -38,6 +38,8 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     # 256: the steady rate counts rows after the first output batch; at 64 they all come in the first one.
     "precompute": ([], ["--n", "256", "--out", "bench-out/quick/precompute"]),
     "train": ([], ["--samples", "64", "--batch", "2", "--steps", "4", "--work", "bench-out/quick/train"]),
+    # full: a random lens-3.8b release in bf16, 8.2 GB written once under /tmp (about 13 GB of RAM while writing)
+    "load": ([], ["--preset", "small", "--repeats", "1", "--dir", "bench-out/quick/load"]),
 }
 GOAL = re.compile(r"\s*(>=|<=|>|<|≥|≤)\s*([-+0-9.eE]+)\s*$")
 OPS = {">=": "≥", "<=": "≤", ">": ">", "<": "<", "≥": "≥", "≤": "≤"}

@@ -188,6 +188,7 @@ def describe_denoiser(path: str | Path, prefer_ema: bool = True) -> DenoiserSour
 
 
 def _release_source(root: Path) -> DenoiserSource:
+    lens_format.check_scheduler(root)  # the sampler is Lens's: refuse a release whose scheduler says otherwise
     config = lens_format.read_release_config(root / lens_format.TRANSFORMER_DIR)
     spec = CheckpointSpec(model=lens_format.model_config_from_release(config, name=root.name or "lens"),
                           codec=f"flux2:{root / 'vae'}", text_encoder=f"gpt-oss:{root}",

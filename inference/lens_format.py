@@ -138,6 +138,27 @@ def transformer_files(folder: Path) -> list[Path]:
     return files
 
 
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+# What inference/flow.py's sampler is: FlowMatchEulerDiscreteScheduler with exponential dynamic shifting, the
+# Lens pipeline passing μ (FLUX.2's empirical fit) on linspace(1, 1/N, N); these settings must hold for it to apply.
+SCHEDULER_EXPECTS = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True,
+                     "time_shift_type": "exponential", "num_train_timesteps": 1000, "invert_sigmas": False,
+                     "shift_terminal": None, "stochastic_sampling": False, "use_karras_sigmas": False,
+                     "use_exponential_sigmas": False, "use_beta_sigmas": False}
+
+
+def check_scheduler(root: Path) -> dict:
+    """A release's scheduler config, refused (naming the field) when lensforge's sampler is not what it says; a
+    release without one gets Lens's (`lens_release/scheduler_config.json`)."""
+    path = Path(root) / SCHEDULER_CONFIG
+    config = json.loads((path if path.is_file() else RELEASE_CONFIGS / "scheduler_config.json").read_text())
+    wrong = [f"{k}={config[k]!r}" for k, v in SCHEDULER_EXPECTS.items() if k in config and config[k] != v]
+    if wrong:
+        raise ValueError(f"{path}: {', '.join(wrong)}; lensforge samples Lens's schedule only "
+                         f"({', '.join(f'{k}={v!r}' for k, v in SCHEDULER_EXPECTS.items())})")
+    return config
+
+
 def read_release_config(folder: Path) -> dict:
     return json.loads((Path(folder) / CONFIG_FILE).read_text())
 

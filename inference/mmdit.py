@@ -151,7 +151,10 @@ class MMDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """DiT's init, adaLN-zero: every modulation and the final projection start at zero, so each block is the
-        identity and the model outputs zero. Call again after `to_empty` when built on the meta device."""
+        identity and the model outputs zero. On the meta device there is nothing to set (a model built there for
+        loading gets its values from the file): call it after `to_empty`."""
+        if next(self.parameters()).is_meta:
+            return
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

@@ -29,7 +29,7 @@ MAX_HEADER = 100 * 2**20  # safetensors' own cap on the JSON header
 def read_header(path: str | Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], dict]:
     """Tensor entries {name: (dtype, shape, begin, end)} (byte offsets from the start of the file) and the
     file's `__metadata__`."""
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # unbuffered: each tensor is one read() straight into its memory
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{path}: not a safetensors file (shorter than its header length)")
@@ -60,14 +60,16 @@ def read_tensors(path: str | Path, dtype: torch.dtype | None = None, device=None
     """(name, tensor) for every tensor of the file (or those in `names`), in file order; each read into its own
     allocation, then cast to `dtype` and moved to `device` when asked."""
     entries, _ = read_header(path)
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # unbuffered: each tensor is one read() straight into its memory
         for name, (stored, shape, begin, end) in sorted(entries.items(), key=lambda e: e[1][2]):
             if names is not None and name not in names:
                 continue
             tensor = torch.empty(shape, dtype=stored)
             if end > begin:
+                raw = tensor.reshape(-1).view(torch.uint8)
+                raw.zero_()  # fault the fresh pages in with torch's threads: inside read() it is one page at a time
                 f.seek(begin)
-                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                view = memoryview(raw.numpy())
                 if f.readinto(view) != end - begin:
                     raise ValueError(f"{path}: truncated at tensor {name}")
             if dtype is not None and tensor.is_floating_point():

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16, area ≤ 1440² (default: the model's size)")
+    size.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16, up to 2080x1040 (default: the model's base)")
     size.add_argument("--aspect", help="1:2, 9:16, 2:3, 3:4, 1:1, 4:3, 3:2, 16:9 or 2:1 (Lens's tables at base "
                       "1024 and 1440, up to 2080x1040)")
     parser.add_argument("--base-size", type=int, help="base side for --aspect and the default size (default: the "

@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from inference.text import TEXT_ENCODERS
 
     if args.json:
-        out = {name: {**cfg.model_dump(), "parameters": count_parameters(cfg)} for name, cfg in PRESETS.items()}
+        out = {name: {**cfg.model_dump(), "mlp": cfg.mlp, "parameters": count_parameters(cfg)}
+               for name, cfg in PRESETS.items()}
         print(json.dumps(out, indent=2))
         return 0
     print(f"{'preset':<11} {'parameters':>15}  {'blocks':>6} {'hidden':>6} {'heads':>9} {'mlp':>5} "

@@ -97,3 +97,12 @@ def test_offload_moves_each_model_to_the_device_only_for_its_part():
     with pipe.visit(Stub()):
         moves.append("resident")
     assert moves == ["cuda:0", "work", "cpu", "cpu work", "resident"]
+
+
+def test_a_release_whose_scheduler_is_not_lenss_is_refused_by_field(release, tmp_path):
+    root = tmp_path / "other"
+    shutil.copytree(release, root)
+    config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "use_dynamic_shifting": False}))
+    with pytest.raises(ValueError, match="use_dynamic_shifting=False"):
+        Pipeline.from_path(root)
