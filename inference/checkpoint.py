@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from inference import lens_format
 from inference.config import ModelConfig
 from inference.mmdit import MMDiT
+from inference.text import GPT_OSS_LAYERS
 from inference.weights_io import read_header, read_tensors
 
 SPEC_KEY = "lensforge.spec"
@@ -192,7 +193,7 @@ def _release_source(root: Path) -> DenoiserSource:
     config = lens_format.read_release_config(root / lens_format.TRANSFORMER_DIR)
     spec = CheckpointSpec(model=lens_format.model_config_from_release(config, name=root.name or "lens"),
                           codec=f"flux2:{root / 'vae'}", text_encoder=f"gpt-oss:{root}",
-                          text_layers=tuple(config.get("selected_layer_index", (5, 11, 17, 23))))
+                          text_layers=tuple(config.get("selected_layer_index", GPT_OSS_LAYERS)))
     files = lens_format.transformer_files(root / lens_format.TRANSFORMER_DIR)
     return DenoiserSource("release", tuple(files), "", _stored_spec(files[0]) or spec)
 

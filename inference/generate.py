@@ -149,8 +149,7 @@ class Pipeline:
         device = torch.device(device)
         home = torch.device("cpu") if offload else device  # where the weights wait between uses
         model = load_source(source, dtype=dtype, device=home)
-        weights_dtype = next(model.parameters()).dtype
-        compute = autocast or (weights_dtype if weights_dtype != torch.float32 else torch.float32)
+        compute = autocast or next(model.parameters()).dtype  # the encoders compute as the denoiser does
         text_device = torch.device(text_device) if text_device is not None else device
         text = load_text_encoder(text_spec_with_layers(spec), device=torch.device("cpu") if offload else text_device,
                                  dtype=compute, date=date or spec.text_date)

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from inference.config import ModelConfig
+from inference.text import GPT_OSS_LAYERS
 
 CLASS_NAME = "LensTransformer2DModel"
 MODEL_INDEX = "model_index.json"
@@ -77,7 +78,7 @@ def model_config_from_release(config: dict, name: str = "lens", base_size: int =
     return ModelConfig(
         name=name, depth=int(config.get("num_layers", 48)), hidden=heads * head_dim, heads=heads, head_dim=head_dim,
         in_channels=out, patch=patch, text_dim=int(config.get("enc_hidden_dim", 2880)),
-        text_layers=len(config.get("selected_layer_index", (5, 11, 17, 23))),
+        text_layers=len(config.get("selected_layer_index", GPT_OSS_LAYERS)),
         rope_axes=tuple(config.get("axes_dims_rope", (8, 28, 28))), base_size=base_size,
     )
 

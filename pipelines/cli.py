@@ -27,7 +27,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     runners = {}
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"pipelines.commands.{name}")
-        cmd = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        # argparse %-formats help strings (not descriptions): a literal % ("95 % CIs") must be doubled there
+        cmd = sub.add_parser(module.NAME, help=module.HELP.replace("%", "%%"), description=module.HELP)
         module.add_arguments(cmd)
         runners[module.NAME] = module.run
     return parser, runners
