@@ -19,14 +19,14 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 
-from inference import lens_format
+from inference import lens_format, lora
 from inference.config import ModelConfig
 from inference.mmdit import MMDiT
 from inference.text import GPT_OSS_LAYERS
@@ -63,15 +63,20 @@ class CheckpointSpec(BaseModel):
     text_date: str | None = None  # the chat template's date line the features were made with (GPT-OSS)
 
 
-def save_weights(path: str | Path, state: dict[str, torch.Tensor], spec: CheckpointSpec) -> Path:
-    """Write one safetensors file with the spec in its metadata, through a temporary name."""
+def write_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """One safetensors file, written under a temporary name and renamed (a kill leaves the old file or the new)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={SPEC_KEY: spec.model_dump_json()})
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], spec: CheckpointSpec) -> Path:
+    """Write one safetensors file with the spec in its metadata."""
+    return write_safetensors(path, state, {SPEC_KEY: spec.model_dump_json()})
 
 
 def save_checkpoint(step_dir: str | Path, model: MMDiT, spec: CheckpointSpec, ema: dict | None = None) -> Path:
@@ -158,19 +163,43 @@ def state_diff(model_shapes: dict, file_shapes: dict, limit: int = 5) -> str | N
 class DenoiserSource:
     """Where a denoiser's weights are, how their keys are spelled, and what they are."""
 
-    kind: str  # "lensforge" (a run, step directory or file of ours), "release", "transformer", "single-file"
+    kind: str  # "lensforge" (a run, step directory or file of ours), "release", "transformer", "single-file",
+    #            "lora" (a LoRA run's adapter: `files` are its base's)
     files: tuple[Path, ...]  # safetensors files holding the weights, together one state dict
     prefix: str  # carried by every key ('' or a single file's "model.diffusion_model.")
     spec: CheckpointSpec  # codec / text_encoder None where the source does not name them
+    adapters: tuple[tuple[Path, float], ...] = ()  # LoRA files (inference/lora.py) merged in at load, with weights
+
+    def with_adapters(self, adapters) -> "DenoiserSource":
+        """This source with more LoRA (file, weight) pairs merged in at load."""
+        return replace(self, adapters=self.adapters + tuple((Path(f), float(w)) for f, w in adapters))
+
+
+def source_fingerprint(source: DenoiserSource) -> str:
+    """One fingerprint of a source's weight files (`file_fingerprint` of each, hashed in order)."""
+    digest = hashlib.sha256()
+    for file in source.files:
+        digest.update(file_fingerprint(file).encode())
+    return digest.hexdigest()
 
 
 def describe_denoiser(path: str | Path, prefer_ema: bool = True) -> DenoiserSource:
     """What `load_denoiser` would read at `path`: a lensforge run (its latest step), step directory or weights
     file; a Lens release root (`model_index.json`) or its `transformer/` folder (sharded + index, any size); a
-    single-file DiT safetensors (keys bare or under `model.diffusion_model.`)."""
+    single-file DiT safetensors (keys bare or under `model.diffusion_model.`); a LoRA run, step directory or adapter
+    file of ours (its base, as the run's `init_from` named it, with the adapter merged in)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"denoiser not found: {path}")
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        path = latest_step_dir(path)
+    if path.is_dir():
+        names = lora.ADAPTER_FILES if prefer_ema else lora.ADAPTER_FILES[::-1]
+        adapters = [path / n for n in names if (path / n).is_file()]
+        if adapters and not any((path / name).is_file() for name in WEIGHT_FILES):
+            return _adapter_source(adapters[0])
+    elif lora.is_adapter_file(path):
+        return _adapter_source(path)
     if path.is_dir():
         if lens_format.is_release_root(path):
             return _release_source(path)
@@ -178,14 +207,34 @@ def describe_denoiser(path: str | Path, prefer_ema: bool = True) -> DenoiserSour
             if lens_format.is_release_root(path.parent):
                 return _release_source(path.parent)
             return _transformer_source(path)
-        if (path / "checkpoints").is_dir():
-            path = latest_step_dir(path)
-        elif not any((path / name).is_file() for name in WEIGHT_FILES):
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
             raise FileNotFoundError(f"{path}: not a lensforge run or step directory (no checkpoints/, "
                                     f"{' or '.join(WEIGHT_FILES)}), a Lens release root (model_index.json) "
                                     "or a transformer/ folder (config.json)")
         return _file_source(resolve_checkpoint(checkpoint=path, prefer_ema=prefer_ema)[0])
     return _file_source(path)
+
+
+def _adapter_source(adapter: Path) -> DenoiserSource:
+    """A lensforge LoRA file → its base's source with the adapter attached; the base must be the one trained on."""
+    _, meta = read_header(adapter)
+    if lora.LORA_KEY not in meta:
+        raise ValueError(f"{adapter}: a LoRA file that names no base; apply it to one with "
+                         "`lensforge generate --checkpoint BASE --lora FILE`")
+    info = lora.LoraInfo.model_validate_json(meta[lora.LORA_KEY])
+    if not info.base or not Path(info.base).exists():
+        raise FileNotFoundError(f"{adapter}: its base {info.base} (the run's init_from) is not on this machine; "
+                                "apply it to a copy with `lensforge generate --checkpoint BASE --lora FILE`")
+    base = describe_denoiser(info.base)
+    if base.adapters:
+        raise ValueError(f"{adapter}: its base {info.base} is itself a LoRA run; merge it first (lensforge export "
+                         "--merge-lora) and train on the merged weights")
+    found = source_fingerprint(base)
+    if info.base_fingerprint and found != info.base_fingerprint:
+        raise ValueError(f"{adapter}: its base {info.base} changed since the adapter was trained (fingerprint "
+                         f"{found[:12]}, trained on {info.base_fingerprint[:12]})")
+    spec = CheckpointSpec.model_validate_json(meta[SPEC_KEY]) if SPEC_KEY in meta else base.spec
+    return replace(base, kind="lora", spec=spec, adapters=((adapter, 1.0),))
 
 
 def _release_source(root: Path) -> DenoiserSource:
@@ -254,6 +303,8 @@ def load_source(source: DenoiserSource, dtype: torch.dtype | None = None, device
         raise ValueError(f"{source.files[0]} does not fit model {source.spec.model.name!r}: {diff}")
     state = {k[len(source.prefix):]: t for file in source.files for k, t in read_tensors(file, dtype, device)}
     model.load_state_dict(state, strict=True, assign=True)
+    if source.adapters:
+        lora.merge_adapters(model, [(lora.read_adapter(f), w) for f, w in source.adapters])
     return model.eval()
 
 

@@ -2,6 +2,7 @@
 
     header = read_header(path)                     # {name: (dtype, shape, begin, end)}, metadata
     for name, tensor in read_tensors(path, dtype=torch.bfloat16): ...
+    for name, rows in read_rows(path, {"img_in.weight": (0, 64)}): ...   # a slice of dim 0 only
 
 Why not `safetensors.safe_open(...).get_tensor`: it hands out tensors that live in the file's memory map, at
 whatever alignment the header length leaves them (16, 24, … bytes), and CPU matmul kernels round differently at
@@ -60,10 +61,24 @@ def read_tensors(path: str | Path, dtype: torch.dtype | None = None, device=None
     """(name, tensor) for every tensor of the file (or those in `names`), in file order; each read into its own
     allocation, then cast to `dtype` and moved to `device` when asked."""
     entries, _ = read_header(path)
+    wanted = {name: None for name in entries if names is None or name in names}
+    yield from read_rows(path, wanted, dtype, device)
+
+
+def read_rows(path: str | Path, wanted: dict[str, tuple[int, int] | None], dtype: torch.dtype | None = None,
+              device=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, rows start:stop of dim 0) for each `wanted` name (None: the whole tensor), in file order. Only those
+    bytes are read (rows are contiguous in safetensors' row-major layout): one FSDP rank reads its own shard."""
+    entries, _ = read_header(path)
     with open(path, "rb", buffering=0) as f:  # unbuffered: each tensor is one read() straight into its memory
         for name, (stored, shape, begin, end) in sorted(entries.items(), key=lambda e: e[1][2]):
-            if names is not None and name not in names:
+            if name not in wanted:
                 continue
+            rows = wanted[name]
+            if rows is not None and shape:
+                start, stop = rows
+                row_bytes = (end - begin) // shape[0] if shape[0] else 0
+                shape, begin, end = (stop - start, *shape[1:]), begin + start * row_bytes, begin + stop * row_bytes
             tensor = torch.empty(shape, dtype=stored)
             if end > begin:
                 raw = tensor.reshape(-1).view(torch.uint8)

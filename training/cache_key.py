@@ -78,9 +78,12 @@ def encoders_record(cfg: PrecomputeConfig, table: BucketTable | None = None) -> 
 # --- training's side ---------------------------------------------------------------------------------------------
 
 
-def training_key(cfg: TrainConfig) -> dict:
+def training_key(cfg: TrainConfig, encoders: bool = True) -> dict:
     """The part of encoders.json a training config decides: the format, the codec's and text encoder's keys
-    (any chat date), and whatever `cfg.encoders` adds."""
+    (any chat date), and whatever `cfg.encoders` adds. `encoders=False`: the format and `cfg.encoders` only (a
+    bare transformer's run takes the shards' encoders; `encoder_mismatches` still checks their shapes)."""
+    if not encoders:
+        return _merge({"format": FORMAT_VERSION}, cfg.encoders)
     text = text_key(cfg.text_encoder, None)
     if text["template"] is not None:
         del text["template"]["date"]  # precompute's `text_date`; name one in train.encoders to insist on it

@@ -1,12 +1,12 @@
 """Exponential moving average of the weights, kept on the model's device or on the CPU, sharded like the model.
 
     ema = EMA(model, decay=0.9999, device="cpu")   # after parallelize: FSDP parameters are DTensors
-    ema.update(model)                               # after each optimizer step: e ← decay·e + (1 − decay)·p
+    ema.update(step)                                # after each optimizer step: e ← decay·e + (1 − decay)·p
     full = ema.full_state(model)                    # {name: tensor} of the whole model (a collective under FSDP)
 
 Names are the plain model's (`transformer_blocks.0.attn.img_qkv.weight`), whatever wrappers (DDP's `module.`,
-activation checkpointing's `_checkpoint_wrapped_module.`) sit in between. Under FSDP each rank averages its own
-shard only.
+activation checkpointing's `_checkpoint_wrapped_module.`) sit in between. Only trainable weights are averaged (a
+LoRA run's adapters, not its frozen base). Under FSDP each rank averages its own shard only.
 """
 
 from __future__ import annotations
@@ -27,10 +27,25 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def gather_full(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> dict:
+    """{name: full tensor on the CPU} of `params` (or of `values`, local shards laid out like them). Under FSDP
+    every rank must call it (one all-gather per DTensor)."""
+    out = {}
+    for name, p in params.items():
+        value = p.detach() if values is None else values[name]
+        if isinstance(p, DTensor):
+            shard = value if values is None else DTensor.from_local(value.to(p.device), p.device_mesh, p.placements,
+                                                                    run_check=False, shape=p.shape, stride=p.stride())
+            out[name] = shard.full_tensor().cpu()
+        else:
+            out[name] = value.detach().cpu()
+    return out
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float, device: str = "same", every: int = 1):
         self.decay, self.every = decay, every
-        self.params = {plain_name(n): p for n, p in model.named_parameters()}
+        self.params = {plain_name(n): p for n, p in model.named_parameters() if p.requires_grad}
         self.device = None if device == "same" else torch.device(device)
         with torch.no_grad():
             self.shadow = {n: local(p).detach().float().to(self.device or local(p).device, copy=True)
@@ -50,16 +65,7 @@ class EMA:
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """{name: full fp32 tensor on the CPU}. Under FSDP all ranks must call it (all-gathers)."""
-        out = {}
-        for name, shadow in self.shadow.items():
-            p = self.params[name]
-            if isinstance(p, DTensor):
-                shard = DTensor.from_local(shadow.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                           shape=p.shape, stride=p.stride())
-                out[name] = shard.full_tensor().cpu()
-            else:
-                out[name] = shadow.detach().cpu()
-        return out
+        return gather_full(self.params, self.shadow)
 
     @torch.no_grad()
     def load_full_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from inference.config import ModelConfig
 from training.cache_key import encoder_mismatches, training_key
 from training.shard_format import ENCODERS_FILE, read_encoders, read_index, read_sample
 from training.train_config import TrainConfig
@@ -78,14 +79,17 @@ def shard_set_candidates(root: Path, shard_set: str | None) -> list[Path]:
     return sorted(p.parent for p in (root / "shards").glob(f"*/{ENCODERS_FILE}"))
 
 
-def open_shard_set(data: str | Path, cfg: TrainConfig) -> ShardSet:
-    """DATA (or DATA/shards/<set_id>) → the shard set this config can train on; ValueError saying what differs."""
-    model = cfg.model_config_resolved()
+def open_shard_set(data: str | Path, cfg: TrainConfig, model: ModelConfig | None = None,
+                   any_encoders: bool = False) -> ShardSet:
+    """DATA (or DATA/shards/<set_id>) → the shard set this config can train on; ValueError saying what differs.
+    `model`: when not the config's preset (init_from's); `any_encoders`: any codec and text encoder whose shapes
+    fit `model` (a bare transformer, which names neither)."""
+    model = model or cfg.model_config_resolved()
     root = Path(data)
     candidates = shard_set_candidates(root, cfg.data.shard_set)
     if not candidates:
         raise FileNotFoundError(f"no shard set under {root / 'shards'}: run `lensforge precompute --data {root}`")
-    expected = training_key(cfg)  # fingerprints the weights once, for every candidate
+    expected = training_key(cfg, encoders=not any_encoders)  # fingerprints the weights once, for every candidate
     found = {c: encoder_mismatches(read_encoders(c), cfg, model, expected) for c in candidates}
     good = [c for c, problems in found.items() if not problems]
     if not good:

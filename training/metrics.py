@@ -39,9 +39,11 @@ def forward_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int) -> floa
     return float((cfg.depth - 1) * block + last + embed)
 
 
-def train_flops(cfg: ModelConfig, batch: int, image_tokens: int, text_tokens: int) -> float:
-    """Forward + backward (2× forward), without activation-checkpointing recompute (MFU, not HFU)."""
-    return 3.0 * batch * forward_flops(cfg, image_tokens, text_tokens)
+def train_flops(cfg: ModelConfig, batch: int, image_tokens: int, text_tokens: int, frozen: bool = False) -> float:
+    """Forward + backward (2× forward), without activation-checkpointing recompute (MFU, not HFU). `frozen`: a
+    LoRA run, whose backward computes input gradients but no weight gradients of the base (1× forward; the
+    adapters' own FLOPs, r/D of the base's, are left out)."""
+    return (2.0 if frozen else 3.0) * batch * forward_flops(cfg, image_tokens, text_tokens)
 
 
 def memory_gb(device: torch.device) -> float:

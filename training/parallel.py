@@ -107,7 +107,8 @@ def apply_fsdp(model: nn.Module, d: Dist, bf16: bool, reshard_after_forward: boo
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, d: Dist, bf16: bool) -> nn.Module:
     """AC → compile → DDP or FSDP2 (only with a process group of more than one rank; otherwise the model)."""
-    model.to(d.device)
+    if not next(model.parameters()).is_meta:  # a meta model is materialised after sharding (model_init.py)
+        model.to(d.device)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:

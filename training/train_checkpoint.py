@@ -3,6 +3,9 @@
     step_00001000/
         model.safetensors, ema.safetensors, model_config.json   inference/checkpoint.py's layout (`lensforge
                                                                  generate --run RUN` reads it); fp32 weights
+        adapter.safetensors, adapter_ema.safetensors             a LoRA run's instead of the two above: the adapters
+                                                                 only, with the base's path and fingerprint
+                                                                 (inference/lora.py's format)
         optimizer/                                               torch.distributed.checkpoint: one file per rank
                                                                  under FSDP (sharded state), loadable at another
                                                                  world size
@@ -37,9 +40,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from inference.checkpoint import STEP_DIR, CheckpointSpec, save_checkpoint, step_dir_name, step_of
+from inference.checkpoint import SPEC_FILE, STEP_DIR, CheckpointSpec, save_checkpoint, step_dir_name, step_of
+from inference.lora import ADAPTER_FILES, LORA_KEY, LoraInfo, save_adapter
 from inference.mmdit import MMDiT
-from training.ema import EMA
+from inference.weights_io import read_header
+from training import lora as _lora
+from training.ema import EMA, gather_full, plain_name
 from training.parallel import Dist, gather_objects
 
 STATE_FILE = "trainer_state.json"
@@ -96,15 +102,20 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save(run: str | Path, step: int, model: nn.Module, optim: torch.optim.Optimizer, ema: EMA,
-         spec: CheckpointSpec, rank_state: dict, extra: dict, d: Dist, keep: int) -> Path | None:
-    """Every rank calls it (collectives under FSDP and for DCP). Returns the directory on rank 0."""
+         spec: CheckpointSpec, rank_state: dict, extra: dict, d: Dist, keep: int,
+         lora_info: LoraInfo | None = None) -> Path | None:
+    """Every rank calls it (collectives under FSDP and for DCP). Returns the directory on rank 0. With
+    `lora_info` only the adapters (and their EMA) are written, not the frozen base."""
     final = step_dir(run, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     d.barrier()
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if lora_info is not None:
+        weights = gather_full({plain_name(n): p for n, p in model.named_parameters() if p.requires_grad})
+    else:
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     ema_state = ema.full_state()
     with warnings.catch_warnings():  # DCP warns that a single process saves alone: it is meant to
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -114,10 +125,15 @@ def save(run: str | Path, step: int, model: nn.Module, optim: torch.optim.Optimi
     if d.main:
         if set(ema_state) != set(weights):
             raise RuntimeError(f"EMA names differ from the model's: {sorted(set(ema_state) ^ set(weights))[:4]}")
-        with torch.device("meta"):
-            plain = MMDiT(spec.model)
-        plain.load_state_dict(weights, strict=True, assign=True)
-        save_checkpoint(tmp, plain, spec, ema=ema_state)
+        if lora_info is not None:
+            save_adapter(tmp / ADAPTER_FILES[1], _lora.adapter_state(weights), lora_info, spec.model_dump_json())
+            save_adapter(tmp / ADAPTER_FILES[0], _lora.adapter_state(ema_state), lora_info, spec.model_dump_json())
+            (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
+        else:
+            with torch.device("meta"):
+                plain = MMDiT(spec.model)
+            plain.load_state_dict(weights, strict=True, assign=True)
+            save_checkpoint(tmp, plain, spec, ema=ema_state)
         state = {"step": step, "world_size": d.world, **extra, "ranks": ranks}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
@@ -138,8 +154,29 @@ def load_weights(ckpt: Path, model: MMDiT) -> None:
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
 
 
-def load_ema(ckpt: Path, ema: EMA) -> None:
-    ema.load_full_state(load_file(str(ckpt / "ema.safetensors")))
+def load_ema(ckpt: Path, ema: EMA, lora: bool = False) -> None:
+    if not lora:
+        ema.load_full_state(load_file(str(ckpt / "ema.safetensors")))
+        return
+    saved = load_file(str(ckpt / ADAPTER_FILES[0]))
+    ema.load_full_state({name: saved[_lora.file_key(name)] for name in ema.shadow if _lora.file_key(name) in saved})
+
+
+def load_adapters(ckpt: Path, info: LoraInfo) -> dict[str, torch.Tensor]:
+    """A LoRA run's adapters ({file key: tensor}) from its checkpoint, after checking that they were trained with
+    this run's LoRA settings on this base."""
+    path = ckpt / ADAPTER_FILES[1]
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt}: no {ADAPTER_FILES[1]}: not a LoRA run's checkpoint (train.lora is set)")
+    saved = LoraInfo.model_validate_json(read_header(path)[1][LORA_KEY])
+    if saved.base_fingerprint != info.base_fingerprint:
+        raise ValueError(f"{ckpt}: the adapters were trained on another base than {info.base} (fingerprint "
+                         f"{saved.base_fingerprint[:12]}, now {info.base_fingerprint[:12]})")
+    differs = [k for k in ("rank", "alpha", "targets") if getattr(saved, k) != getattr(info, k)]
+    if differs:
+        raise ValueError(f"{ckpt}: trained with train.lora {', '.join(f'{k}={getattr(saved, k)}' for k in differs)}; "
+                         "this config says otherwise")
+    return load_file(str(path))
 
 
 def load_optimizer(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer) -> None:

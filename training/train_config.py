@@ -6,6 +6,8 @@
       data: {captions: {dense: 0.5, alt: 0.5}, batch_sizes: {512: 24, 768: 10, 1024: 6}}
       optim: {lr: 2.0e-4, betas: [0.9, 0.999], grad_clip: 1.0}
       parallel: {strategy: fsdp, activation_checkpointing: true}
+      init_from: /models/Lens                # fine-tune: a release, transformer/ folder, single file or run
+      lora: {rank: 64, alpha: 128}           # …with adapters only (peft), the base frozen
 
 This module imports no torch, so every `lensforge` command starts fast. Lens's published choices are the defaults
 where a choice is Lens's (AdamW 0.9/0.999, constant LR 2e-4, clip 1.0, caption dropout 0.1); CPU-RECIPES.md's
@@ -53,7 +55,7 @@ class DataConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(2e-4, gt=0, description="Lens: constant 2e-4")
+    lr: float = Field(2e-4, ge=0, description="Lens: constant 2e-4 (stage 2: 1e-4); 0 checks an import")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -72,6 +74,22 @@ class ParallelConfig(_Strict):
     activation_checkpointing: bool = Field(False, description="recompute each block in the backward")
     compile: bool = Field(False, description="torch.compile each block")
     reshard_after_forward: bool = Field(True, description="FSDP: free gathered block weights after forward")
+
+
+# The released module names LoRA targets by default (Lens-RL: r 64 / α 128 on the attention and MLP projections);
+# peft matches a target against the end of a module's dotted name.
+LORA_TARGETS = ["attn.img_qkv", "attn.txt_qkv", "attn.to_out.0", "attn.to_add_out",
+                "img_mlp.w1", "img_mlp.w2", "img_mlp.w3", "txt_mlp.w1", "txt_mlp.w2", "txt_mlp.w3"]
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(64, ge=1, description="adapter rank r (Lens-RL: 64)")
+    alpha: float = Field(128.0, gt=0, description="scale α: the update is (α / r)·B·A (Lens-RL: 128)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    targets: list[str] = Field(LORA_TARGETS, min_length=1, description="module names (suffixes of the released "
+                               "names, e.g. attn.img_qkv) that get adapters")
+    base_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="the frozen base's weights: auto = bfloat16 on CUDA, float32 on CPU")
 
 
 class ValConfig(_Strict):
@@ -101,6 +119,11 @@ class TrainConfig(_Strict):
     codec: str = Field("pixel", description="what the shards' latents were made with; sampling uses it")
     text_encoder: str = Field("minilm", description="what the shards' text features were made with")
     encoders: dict[str, Any] = Field({}, description="further encoders.json fields the shards must match")
+    init_from: str | None = Field(None, description="start from these weights (anything `load_denoiser` reads: a "
+                                  "Lens release, its transformer/ folder, a single file, a lensforge run or "
+                                  "checkpoint) at step 0, fresh optimizer, EMA from them; the model is theirs")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters only (needs init_from); checkpoints "
+                                    "hold the adapters and the base's fingerprint")
 
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -130,6 +153,8 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         self.model_config_resolved()  # fail at load time on a bad override
+        if self.lora is not None and not self.init_from:
+            raise ValueError("train.lora needs train.init_from: the base the adapters fine-tune")
         if self.val.every and not self.data.holdout:
             raise ValueError("val.every > 0 needs data.holdout > 0 (a held-out set)")
         return self

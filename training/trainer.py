@@ -4,10 +4,15 @@
     torchrun --nproc-per-node 8 -m pipelines.cli train --data data --out runs/lens --preset lens-3.8b \\
         --set train.parallel.strategy=fsdp --set train.parallel.activation_checkpointing=true
 
+    lensforge train --data data --out runs/ft --init-from /models/Lens --config configs/lens-lora.yaml   # fine-tune
+
 One step on every rank: the loader's batch for (seed, rank, step) (its own bucket and batch size), flow matching
 loss from `inference.flow` (logit-normal t with Lens's resolution shift, velocity target), backward, global grad
-norm clip, AdamW, EMA. A non-finite loss or gradient on any rank skips the step on all of them; `max_bad_steps` in
-a row stop training, leaving the last checkpoint as it was.
+norm clip, AdamW, EMA. `train.init_from` starts from existing weights (their architecture, codec and text encoder,
+checked against the shards); `train.lora` trains peft adapters only (training/lora.py) and checkpoints hold only
+them; training/model_init.py builds the model either way, sharded from the files under FSDP. A non-finite loss
+or gradient on any rank skips the step on all of them; `max_bad_steps` in a row stop training, leaving the last
+checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ from pathlib import Path
 
 import torch
 
-from inference.checkpoint import CheckpointSpec
+from inference.checkpoint import CheckpointSpec, DenoiserSource, describe_denoiser, source_fingerprint
 from inference.flow import RectifiedFlow
-from inference.mmdit import MMDiT
+from inference.lora import LoraInfo
+from training import lora
 from training import train_checkpoint as ckpt
-from training.ema import EMA
+from training.ema import EMA, gather_full, plain_name
 from training.loader import Loader, holdout_batches, inline, open_shard_set, prefetch, seed_of
 from training.metrics import MetricsLog, SampleGrid, memory_gb, train_flops, validation_loss
-from training.parallel import Dist, all_reduce, autocast, init_distributed, parallelize
+from training.model_init import build_model
+from training.parallel import Dist, all_reduce, autocast, init_distributed
 from training.train_config import TrainConfig
 
 
@@ -81,27 +88,54 @@ class Trainer:
         device = self.device = self.d.device
         set_determinism(cfg, device)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-        self.model_cfg = cfg.model_config_resolved()
-        self.shards = open_shard_set(data, cfg)
+        self.init = describe_denoiser(cfg.init_from) if cfg.init_from else None
+        self.model_cfg = self.init.spec.model if self.init else cfg.model_config_resolved()
+        if self.init and cfg.model:  # the architecture (and prediction) are the weights'; an equal override is fine
+            differs = {k: v for k, v in cfg.model.items() if getattr(self.model_cfg, k, None) != v}
+            if differs:
+                raise ValueError(f"train.model {differs} differs from init_from's own model "
+                                 f"({ {k: getattr(self.model_cfg, k, None) for k in differs} }): a fine-tune keeps "
+                                 "the architecture and prediction of the weights it starts from")
+        self.cfg = cfg = encoders_from_init(cfg, self.init, self.d.main)
+        self.shards = open_shard_set(data, cfg, self.model_cfg, any_encoders=self.init is not None and (
+            self.init.spec.codec is None or self.init.spec.text_encoder is None))
+        if cfg.codec != self.shards.encoders["codec"]["codec"] or \
+                cfg.text_encoder != self.shards.encoders["text"]["text_encoder"]:  # a bare transformer: the shards'
+            self.cfg = cfg = cfg.model_copy(update={"codec": self.shards.encoders["codec"]["codec"],
+                                                    "text_encoder": self.shards.encoders["text"]["text_encoder"]})
         template = self.shards.encoders.get("text", {}).get("template") or {}  # the chat date GPT-OSS features had
         self.spec = CheckpointSpec(model=self.model_cfg, codec=cfg.codec, text_encoder=cfg.text_encoder,
+                                   text_layers=self.init.spec.text_layers if self.init else None,
                                    text_date=template.get("date"))
+        self.lora_info = None
+        if cfg.lora is not None and lora.base_dtype(cfg.lora, device) != torch.float32 and not self.bf16:
+            raise ValueError(f"train.lora.base_dtype {cfg.lora.base_dtype} on {device} needs bf16 compute: set "
+                             "train.precision: bf16, or base_dtype: float32")
+        if cfg.lora is not None and self.init.adapters:
+            raise ValueError(f"train.init_from {cfg.init_from} is a LoRA run: write its merged weights (lensforge "
+                             "export --merge-lora) and start the new LoRA from them")
+        if cfg.lora is not None:
+            self.lora_info = LoraInfo(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                      targets=list(cfg.lora.targets), base=str(cfg.init_from),
+                                      base_fingerprint=source_fingerprint(self.init))
         source = self._find_checkpoint(resume)
         state = ckpt.load_trainer_state(source) if source else {}
-
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = MMDiT(self.model_cfg)
-        if source:
-            ckpt.load_weights(source, model)
-        self.model = parallelize(model, cfg.parallel, self.d, self.bf16)
+        weights, adapters = self.init, None
+        if source and cfg.lora is not None:
+            adapters = ckpt.load_adapters(source, self.lora_info)
+        elif source:
+            weights = DenoiserSource("lensforge", (source / "model.safetensors",), "", self.spec)
+        self.model = build_model(cfg, self.model_cfg, weights, adapters, self.d, self.bf16)
         self.fsdp = cfg.parallel.strategy == "fsdp" and self.d.enabled and self.d.world > 1
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optim = build_optimizer(self.model, cfg, device)
-        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.device, cfg.ema.every)
+        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.device, cfg.ema.every)  # trainable weights: from the start
         if source:
-            ckpt.load_ema(source, self.ema)
+            ckpt.load_ema(source, self.ema, lora=cfg.lora is not None)
             ckpt.load_optimizer(source, self.model, self.optim)
         self.step = state.get("step", 0)
+        if not state:  # the global stream (LoRA dropout) starts seeded; a resume restores it per rank below
+            torch.manual_seed(seed_of(cfg.seed, "torch", self.d.rank))
         self.loader = Loader(self.shards, cfg, self.d.rank, self.d.world, state=self._restore_rank(state))
         self.position = self.loader.state()
         self.flow = RectifiedFlow(prediction=self.model_cfg.prediction)
@@ -115,6 +149,10 @@ class Trainer:
         self._write_config(data)
         if source:
             self.log.write("resume", self.step, checkpoint=str(source))
+        elif self.init:
+            self.log.write("init", 0, init_from=str(cfg.init_from), source=self.init.kind,
+                           lora=cfg.lora.model_dump() if cfg.lora else None,
+                           trainable=sum(p.numel() for p in self.params))
 
     # -- setup --------------------------------------------------------------------------------------------------
     def _find_checkpoint(self, resume: bool) -> Path | None:
@@ -149,11 +187,17 @@ class Trainer:
             return
         self.run.mkdir(parents=True, exist_ok=True)
         resolved = {"train": self.cfg.model_dump(mode="json"), "model": self.model_cfg.model_dump(mode="json"),
+                    "init_from": {"path": self.cfg.init_from, "kind": self.init.kind,
+                                  "files": [str(f) for f in self.init.files]} if self.init else None,
+                    "lora": self.lora_info.model_dump() if self.lora_info else None,
                     "data": str(data), "shard_set": str(self.shards.root), "samples": self.shards.samples,
                     "world_size": self.d.world, "device": str(self.device), "bf16": self.bf16}
         (self.run / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+        trainable, total = sum(p.numel() for p in self.params), sum(p.numel() for p in self.model.parameters())
+        start = f", from {self.init.kind} {self.cfg.init_from}" if self.init else ""
+        tuned = f", LoRA r {self.cfg.lora.rank}: {trainable:,} of {total:,} parameters train" if self.cfg.lora else ""
         print(f"train: {self.shards.samples:,} samples in {len(self.shards.buckets)} buckets ({self.shards.root}); "
-              f"model {self.model_cfg.name}, {self.d.world} rank(s) on {self.device}, "
+              f"model {self.model_cfg.name}{start}{tuned}, {self.d.world} rank(s) on {self.device}, "
               f"{'bf16' if self.bf16 else 'fp32'}, from step {self.step} → {self.cfg.max_steps}")
 
     # -- one step -----------------------------------------------------------------------------------------------
@@ -172,17 +216,20 @@ class Trainer:
         loss.backward()
         norm = grad_norm_and_clip(self.params, self.cfg.optim.grad_clip)
         image_tokens = x0.shape[-2] * x0.shape[-1] // self.model_cfg.patch**2
-        local = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float()]).cpu().tolist()
-        sums = all_reduce([*local, float(norm), x0.shape[0], x0.shape[0] * image_tokens,
-                           train_flops(self.model_cfg, x0.shape[0], image_tokens, text.shape[1])], self.d, device)
+        flops = train_flops(self.model_cfg, x0.shape[0], image_tokens, text.shape[1], frozen=self.cfg.lora is not None)
+        names = ["loss", "bad", "grad_norm", "samples", "tokens", "flops"]  # summed over ranks
+        local = [float(loss.detach()), float(not torch.isfinite(loss.detach())), float(norm), x0.shape[0],
+                 x0.shape[0] * image_tokens, flops]
+        total = dict(zip(names, all_reduce(local, self.d, device)))
         world = self.d.world
-        finite = sums[1] == 0 and math.isfinite(sums[2])
+        finite = total["bad"] == 0 and math.isfinite(total["grad_norm"])
         if finite:
             self.optim.step()
             self.ema.update(step)
         self.optim.zero_grad(set_to_none=True)
-        return {"loss": sums[0] / world, "grad_norm": sums[2] / world, "lr": lr, "finite": bool(finite),
-                "samples": sums[3], "tokens": sums[4], "flops": sums[5] / world, "bucket": batch.bucket}
+        return {"loss": total["loss"] / world, "grad_norm": total["grad_norm"] / world, "lr": lr,
+                "finite": bool(finite), "samples": total["samples"], "tokens": total["tokens"],
+                "flops": total["flops"] / world, "bucket": batch.bucket}
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -194,7 +241,8 @@ class Trainer:
             inline(self.loader)
         window = Window()
         bad_run: list[int] = []
-        last_ckpt = ckpt.complete_checkpoints(self.run)[-1:] or [None]
+        found = ckpt.complete_checkpoints(self.run)
+        last_ckpt = found[-1] if found else None
         self.model.train()
         try:
             while self.step < cfg.max_steps:
@@ -209,7 +257,7 @@ class Trainer:
                     bad_run.append(step)
                     self.log.write("skip", step, loss=out["loss"], grad_norm=out["grad_norm"], bucket=out["bucket"])
                     if len(bad_run) >= cfg.max_bad_steps:
-                        self._stop(bad_run, last_ckpt[0])
+                        self._stop(bad_run, last_ckpt)
                 else:
                     bad_run = []
                 self.log.advance(out["loss"] if out["finite"] else None, window.samples_per_s())
@@ -217,7 +265,7 @@ class Trainer:
                     self.log.write("train", step, **window.summary(self), mem_gb=round(memory_gb(self.device), 3))
                     window = Window()
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                    last_ckpt = [self.save()]
+                    last_ckpt = self.save()
                 if cfg.val.every and (step % cfg.val.every == 0 or step == cfg.max_steps):
                     self.validate()
                 if cfg.sample.every and (step % cfg.sample.every == 0 or step == cfg.max_steps):
@@ -225,7 +273,7 @@ class Trainer:
         finally:
             batches.close()
             self.log.close()
-        return {"step": self.step, "checkpoint": str(last_ckpt[0]) if last_ckpt[0] else None}
+        return {"step": self.step, "checkpoint": str(last_ckpt) if last_ckpt else None}
 
     def _stop(self, bad: list[int], last: Path | None) -> None:
         where = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint was written yet"
@@ -238,7 +286,7 @@ class Trainer:
         rank_state = {"rank": self.d.rank, "data": self.position, "rng": ckpt.rng_state(self.device)}
         extra = {"config": self.cfg.model_dump(mode="json"), "shard_set": str(self.shards.root)}
         path = ckpt.save(self.run, self.step, self.model, self.optim, self.ema, self.spec, rank_state, extra,
-                         self.d, self.cfg.keep_checkpoints)
+                         self.d, self.cfg.keep_checkpoints, self.lora_info)
         self.log.write("checkpoint", self.step, path=str(path))
         return path
 
@@ -250,10 +298,28 @@ class Trainer:
 
     def sample(self) -> None:
         weights = self.ema.full_state()  # a collective under FSDP
+        if self.cfg.lora is not None:  # the frozen base with the EMA adapters merged
+            base = gather_full({plain_name(n): p for n, p in self.model.named_parameters() if not p.requires_grad})
+            weights = lora.merged_state(base, lora.adapter_state(weights), self.cfg.lora)
         if self.grid is not None:
             path = self.grid.render(self.step, weights)
             self.log.write("sample", self.step, path=str(path))
         self.d.barrier()
+
+
+def encoders_from_init(cfg: TrainConfig, init: DenoiserSource | None, main: bool) -> TrainConfig:
+    """The codec and text encoder a run starting from `init` uses: those it names (a release root, a lensforge
+    checkpoint), unless the config sets its own; a bare transformer names none and takes the shards'."""
+    if init is None:
+        return cfg
+    update = {}
+    for field, named in ("codec", init.spec.codec), ("text_encoder", init.spec.text_encoder):
+        if named is None or field in cfg.model_fields_set:
+            if named is not None and getattr(cfg, field) != named and main:
+                print(f"train: train.{field} {getattr(cfg, field)!r} replaces init_from's {named!r}")
+            continue
+        update[field] = named
+    return cfg.model_copy(update=update)
 
 
 class Window:

@@ -49,16 +49,18 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from inference.checkpoint import resolve_checkpoint
+    from inference.checkpoint import describe_denoiser, latest_step_dir
     from inference.generate import Pipeline, make_grid, validate_size
     from scenes.adherence import CATEGORIES, evaluate, prompt_set
 
     check_args(args)
     size, _ = validate_size(args.size, args.size)
-    weights, spec = resolve_checkpoint(run=args.run, checkpoint=args.checkpoint, prefer_ema=not args.no_ema)
+    # a run's latest step or a checkpoint, full or LoRA (its base with the adapter merged), in fp32
+    source = describe_denoiser(latest_step_dir(args.run) if args.run else args.checkpoint, prefer_ema=not args.no_ema)
+    weights = source.adapters[0][0] if source.adapters else source.files[0]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     autocast = torch.bfloat16 if device.startswith("cuda") else None
-    pipe = Pipeline.load(weights, spec, device=device, autocast=autocast)
+    pipe = Pipeline.from_source(source, device=device, dtype=torch.float32, autocast=autocast)
     items = prompt_set(per_category=args.per_category, style=args.style)
 
     images = []
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     for category in CATEGORIES:
         make_grid([im for im, it in zip(images, items) if it.category == category]).save(
             out / f"samples_{category}.png")
-    settings = {"checkpoint": str(weights), "spec": spec.model_dump(), "per_category": args.per_category,
+    settings = {"checkpoint": str(weights), "spec": source.spec.model_dump(), "per_category": args.per_category,
                 "style": args.style, "size": size, "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
                 "device": device, "seconds": seconds}
     (out / "adherence.json").write_text(json.dumps({"settings": settings, **result.to_dict()}, indent=2) + "\n")

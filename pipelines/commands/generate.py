@@ -1,6 +1,6 @@
 """`lensforge generate "PROMPT" (--run RUN | --checkpoint PATH) --out DIR [--steps 20] [--cfg 5.0]
 [--size WxH | --aspect 16:9 [--base-size 1440]] [--seed 0] [--n 4] [--prompts FILE] [--dtype bf16] [--offload]
-[--rewrite --rewrite-base-url URL ...]`
+[--lora FILE[:SCALE] ...] [--rewrite --rewrite-base-url URL ...]`
 
 PATH: a step directory or weights file of a lensforge run, a Lens release root (`model_index.json`, `transformer/`,
 `vae/`, `text_encoder/`, `tokenizer/`), its `transformer/` folder, or a single-file DiT (the last two with
@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", choices=["tokens", "latent"], default="tokens", help="noise layout per seed: "
                         "tokens = the Lens pipeline's (the same seed gives its image), latent = (C, H, W)")
     parser.add_argument("--no-ema", action="store_true", help="load model.safetensors even where EMA exists")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="merge a LoRA into "
+                        "the weights (repeatable; SCALE default 1): a lensforge adapter, or diffusers' / ComfyUI's "
+                        "/ PEFT's LoRA safetensors")
     rewrite = parser.add_argument_group("prompt rewriting (Lens's reasoner), off by default")
     rewrite.add_argument("--rewrite", action="store_true", help="expand each prompt with an LLM first")
     rewrite.add_argument("--rewrite-base-url", default=os.environ.get("OPENAI_BASE_URL"),
@@ -129,11 +132,13 @@ def run(args: argparse.Namespace) -> int:
 
     from inference.checkpoint import describe_denoiser, latest_step_dir, stored_dtype
     from inference.generate import Pipeline, make_grid, parse_size, size_for_aspect, validate_size
+    from inference.lora import parse_lora_arg
 
     check_args(args)
     prompts = read_prompts(args)
     where = latest_step_dir(args.run) if args.run else args.checkpoint  # --run: its latest step, or an error
     source = describe_denoiser(where, prefer_ema=not args.no_ema)
+    source = source.with_adapters([parse_lora_arg(text) for text in args.lora])
     base = args.base_size or source.spec.model.base_size
     if args.size:
         width, height = parse_size(args.size)
@@ -164,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         for i in range(len(prompts)):
             make_grid(images[i * args.n:(i + 1) * args.n]).save(out / f"{i:03d}_grid.png")
     settings = {
-        "checkpoint": [str(f) for f in source.files], "kind": source.kind, "spec": source.spec.model_dump(),
+        "checkpoint": [str(f) for f in source.files], "kind": source.kind,
+        "lora": [{"file": str(f), "scale": w} for f, w in source.adapters], "spec": source.spec.model_dump(),
         "codec": pipe.codec.spec, "text_encoder": pipe.text_encoder.identity(), "width": width, "height": height,
         "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "n": args.n, "negative": args.negative,
         "rewrite": {"base_url": args.rewrite_base_url, "model": args.rewrite_model} if args.rewrite else None,

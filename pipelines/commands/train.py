@@ -1,5 +1,9 @@
 """`lensforge train --data DATA --out RUN [--preset tiny|small|lens-3.8b] [--config F] [--set train.K=V]
-[--max-steps N] [--checkpoint-every N] [--log-every N] [--resume]`
+[--max-steps N] [--checkpoint-every N] [--log-every N] [--init-from PATH] [--resume]`
+
+Fine-tuning: `--init-from` a Lens release root, its transformer/ folder, a single file or a lensforge run starts
+at step 0 from those weights (configs/lens-finetune.yaml); with `train.lora` only adapters train
+(configs/lens-lora.yaml).
 
 Several processes or nodes: `torchrun --nproc-per-node K -m pipelines.cli train ...` (DDP by default,
 `--set train.parallel.strategy=fsdp` for FSDP2). Writes RUN/config.json, RUN/metrics.jsonl,
@@ -28,13 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument("--init-from", metavar="PATH", default=None, help="fine-tune: start from these weights (a "
+                        "Lens release, transformer/ folder, single file, lensforge run); sets train.init_from")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     add_config_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_section("train", args.config, args.overrides, preset=args.preset, max_steps=args.max_steps,
-                       checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, init_from=args.init_from)
     from training.trainer import TrainingStopped, train
 
     try:

@@ -115,3 +115,43 @@ def test_the_whole_pipeline_gives_the_references_image_for_a_seed(tmp_path):
     features, mask = ref._get_text_embeddings([prompt], 512, torch.device("cpu"))
     ours_features, ours_mask = ours.text_encoder.encode([prompt])
     assert torch.equal(mask, ours_mask) and torch.equal(torch.cat(features, dim=-1)[mask], ours_features[ours_mask])
+
+
+def test_fine_tuned_and_lora_merged_exports_load_into_the_reference_exactly(tmp_path):
+    """Train from a tiny release in the released layout (full and LoRA), export, load with the reference."""
+    from pipelines import cli
+    from tests.training.scene_shards import write_scene_shards
+    from training.train_config import TrainConfig
+    from training.trainer import train
+
+    root = save_tiny_release(tmp_path / "Lens")
+    data = tmp_path / "data"
+    write_scene_shards(data, {(32, 32): 8}, codec=f"flux2:{root / 'vae'}", text_encoder=f"gpt-oss:{root}",
+                       multiple=16)
+    common = dict(init_from=str(root), max_steps=2, checkpoint_every=2, progress=False, data={"batch_size": 4},
+                  optim={"lr": 1e-2})
+    train(TrainConfig(**common), data, tmp_path / "full")
+    train(TrainConfig(**common, lora={"rank": 4, "alpha": 8}), data, tmp_path / "lora")
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 32, 8, 8, generator=g), torch.tensor([0.6])
+    text = torch.randn(1, 7, 4 * 32, generator=g)
+    mask = torch.ones(1, 7, dtype=torch.bool)
+
+    def ref_out(model):
+        out = model(hidden_states=patchify(x, 2), encoder_hidden_states=list(text.split(32, dim=-1)),
+                    encoder_hidden_states_mask=mask, timestep=t, img_shapes=[(1, 4, 4)], return_dict=False)[0]
+        return unpatchify(out, 4, 4, 2)
+
+    for run, flags in ("full", []), ("lora", ["--merge-lora"]):
+        assert cli.main(["export", str(tmp_path / run), "--out", str(tmp_path / f"{run}-export"), *flags]) == 0
+        ref = aligned(LensTransformer2DModel.from_pretrained(tmp_path / f"{run}-export" / "transformer").eval())
+        ours = load_denoiser(tmp_path / run)
+        with torch.no_grad():
+            assert torch.equal(ref_out(ref), ours(x, t, text, mask)), run
+    # the adapter alone, in diffusers' format, through the reference's own PEFT loader onto the release
+    assert cli.main(["export", str(tmp_path / "lora"), "--out", str(tmp_path / "adapter"), "--lora"]) == 0
+    ref = aligned(LensTransformer2DModel.from_pretrained(root / "transformer").eval())
+    ref.load_lora_adapter(str(tmp_path / "adapter" / "pytorch_lora_weights.safetensors"), prefix="transformer")
+    with torch.no_grad():
+        torch.testing.assert_close(ref_out(ref), load_denoiser(tmp_path / "lora")(x, t, text, mask),
+                                   rtol=1e-5, atol=1e-5)

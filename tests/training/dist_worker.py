@@ -1,7 +1,10 @@
 """Run by test_parallel.py under `torchrun --nproc-per-node 2`: train a few steps through the Trainer, then write
 this rank's full weights (FSDP shards gathered) and the buckets it trained on, for the test to compare.
 
-    torchrun --nproc-per-node 2 tests/training/dist_worker.py DATA OUT fsdp 4 [--resume] [--ac]
+    torchrun --nproc-per-node 2 tests/training/dist_worker.py DATA OUT fsdp 4 [--resume] [--ac] [--init-from=PATH]
+        [--lora]
+
+With --init-from it also writes this rank's full weights as built, before any step (`rank{R}-start.safetensors`).
 """
 
 import json
@@ -17,13 +20,23 @@ from training.train_config import TrainConfig
 from training.trainer import Trainer
 
 
+def full_weights(model) -> dict:
+    return {plain_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+            for n, p in model.named_parameters()}
+
+
 def main(data: str, out: str, strategy: str, steps: str, *flags: str) -> None:
+    init_from = next((f.partition("=")[2] for f in flags if f.startswith("--init-from=")), None)
     cfg = TrainConfig(
         data={"batch_sizes": {32: 4, 48: 2}, "shuffle_buffer": 4}, max_steps=int(steps), checkpoint_every=2,
         log_every=1, progress=False, deterministic=True,
         parallel={"strategy": strategy, "activation_checkpointing": "--ac" in flags},
+        init_from=init_from, lora={"rank": 4, "alpha": 8} if "--lora" in flags else None,
+        optim={"lr": 1e-2} if "--lora" in flags else {},
     )
     trainer = Trainer(cfg, data, out, resume="--resume" in flags)
+    if init_from:
+        save_file(full_weights(trainer.model), str(Path(out) / f"rank{trainer.d.rank}-start.safetensors"))
     buckets = []
     original = trainer.train_step
 
@@ -33,8 +46,7 @@ def main(data: str, out: str, strategy: str, steps: str, *flags: str) -> None:
 
     trainer.train_step = train_step
     trainer.fit()
-    full = {plain_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
-            for n, p in trainer.model.named_parameters()}
+    full = full_weights(trainer.model)
     rank = trainer.d.rank
     save_file(full, str(Path(out) / f"rank{rank}.safetensors"))
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({"buckets": buckets, "world": trainer.d.world}))

@@ -53,20 +53,23 @@ def scene_caption(scene: Scene, variant: str, rng: random.Random) -> str:
     return variant_text(alt(scene, rng) if base == "alt" else describe(scene, base), variant)
 
 
-def precompute_config(buckets: dict[tuple[int, int], int], variants=("dense",)) -> PrecomputeConfig:
+def precompute_config(buckets: dict[tuple[int, int], int], variants=("dense",), codec: str = "pixel",
+                      text_encoder: str = "minilm", multiple: int = 4) -> PrecomputeConfig:
     sides = sorted({round((w * h) ** 0.5) for w, h in buckets})
     ratios = sorted({BucketTable((512,)).nearest_ratio(w, h) for w, h in buckets})
-    return PrecomputeConfig(codec="pixel", text_encoder="minilm", variants=list(variants),
-                            buckets=BucketsConfig(base_sides=sides, ratios=ratios, multiple=4))
+    return PrecomputeConfig(codec=codec, text_encoder=text_encoder, variants=list(variants),
+                            buckets=BucketsConfig(base_sides=sides, ratios=ratios, multiple=multiple))
 
 
 def write_scene_shards(data: str | Path, buckets: dict[tuple[int, int], int], variants=("dense",), seed: int = 0,
-                       shard_size: int = 1000, scene_fn=None, encoders_patch: dict | None = None) -> Path:
+                       shard_size: int = 1000, scene_fn=None, encoders_patch: dict | None = None,
+                       codec: str = "pixel", text_encoder: str = "minilm", multiple: int = 4) -> Path:
     """DATA/shards/<set_id>/ with `buckets[(w, h)]` samples of each size (each must be a bucket of the table the
     sizes imply). Variant `dense`/`short`/... is `describe(scene, variant)`, `alt` an alt text, `dense@15` the dense
     caption cut to 15 words (`scene_caption`). `encoders_patch` overrides fields of
-    encoders.json (to make shards that a config must refuse). Returns the set directory."""
-    cfg = precompute_config(buckets, variants)
+    encoders.json (to make shards that a config must refuse). `codec` / `text_encoder`: other encoders (a tiny
+    Lens release's `flux2:ROOT/vae`, `gpt-oss:ROOT`, with `multiple` 16). Returns the set directory."""
+    cfg = precompute_config(buckets, variants, codec, text_encoder, multiple)
     table = table_for(cfg)
     record = encoders_record(cfg, table)
     for section, values in (encoders_patch or {}).items():

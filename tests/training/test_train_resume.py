@@ -1,5 +1,6 @@
 """Kill `lensforge train` with SIGKILL mid-run, rerun it with --resume, and get exactly the uninterrupted run's
-losses (CPU, deterministic mode): weights, AdamW state, EMA, data position and RNG all come back."""
+losses (CPU, deterministic mode): weights, AdamW state, EMA, data position and RNG all come back. The same for a
+LoRA fine-tune (adapters with dropout over a frozen base from `--init-from`)."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from inference.checkpoint import resolve_checkpoint
+from inference.checkpoint import describe_denoiser
 
 STEPS, EVERY = 20, 5
 
@@ -47,11 +48,25 @@ def logged_steps(run) -> int:
                default=0) if path.is_file() else 0
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_losses(data, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert subprocess.run(command(data, whole), capture_output=True, timeout=300).returncode == 0
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A random tiny lensforge checkpoint for the LoRA run to start from."""
+    from inference.checkpoint import CheckpointSpec, save_random_checkpoint
+    from inference.config import get_preset
 
-    proc = subprocess.Popen(command(data, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return save_random_checkpoint(tmp_path_factory.mktemp("base") / "step_00000000",
+                                  CheckpointSpec(model=get_preset("tiny")))
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(data, base, tmp_path, kind):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    extra = ["--init-from", str(base), "--set", "train.lora={rank: 4, alpha: 8, dropout: 0.1}",
+             "--set", "train.optim.lr=1e-2"] if kind == "lora" else []
+    done = subprocess.run(command(data, whole, *extra), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(command(data, killed, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 240
     try:
@@ -64,11 +79,14 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(data, tmp_path):
     reached = logged_steps(killed)
     assert 2 * EVERY + 2 <= reached < STEPS, "the run was not killed mid-way"
 
-    done = subprocess.run(command(data, killed, "--resume"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(data, killed, *extra, "--resume"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     resume = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()
               if '"resume"' in line]
     assert len(resume) == 1 and resume[0]["step"] % EVERY == 0 and resume[0]["step"] < reached
     assert losses(killed) == losses(whole)  # exactly equal, every step, the replayed ones included
     assert not list((killed / "checkpoints").glob(".tmp-*"))
-    assert resolve_checkpoint(run=killed)[0].parent.name == f"step_{STEPS:08d}"
+    last = killed / "checkpoints" / f"step_{STEPS:08d}"
+    assert describe_denoiser(killed).kind == ("lora" if kind == "lora" else "lensforge")
+    for name in ("adapter.safetensors", "adapter_ema.safetensors") if kind == "lora" else ("model.safetensors",):
+        assert (last / name).read_bytes() == (whole / "checkpoints" / last.name / name).read_bytes()
