@@ -30,6 +30,7 @@ BIN = Path(sys.executable).parent
 SHARD_SIZE, THREADS, PROCESSES = 500, 32, 2
 sys.path.insert(0, str(REPO))  # bench.report, also for `python bench/curate.py`
 from bench.report import emit, row  # noqa: E402
+from curation.shard_filter import read_markers  # noqa: E402
 
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -55,7 +56,7 @@ def lensforge_curate(urls: Path, out: Path, config: Path) -> dict:
     subprocess.run([str(BIN / "lensforge"), "curate", "--urls", str(urls), "--out", str(out), "--config",
                     str(config)], check=True, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     timings = json.loads((out / "reports" / "timings.json").read_text())
-    shards = [json.loads(p.read_text()) for p in (out / "filtered").glob("*.json")]
+    shards = read_markers(out / "filtered")
     cores = min(len(shards), os.cpu_count() or 1)
     secs = timings["seconds"]
     n = timings["downloaded"]

@@ -32,19 +32,18 @@ from collections import Counter, deque
 from pathlib import Path
 
 import openai
-import pyarrow as pa
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from captioning.batch_files import (ENDPOINT, JSON_TAG, MB, InputFile, InputWriter, Outcomes, outcomes,
                                     parse_custom_id, read_jsonl, requests_for)
 from captioning.client import resolve_api_key
 from captioning.config import CaptionConfig
 from captioning.ledger import Ledger, price_for, prior_spend
-from captioning.pipeline import pending_work
+from captioning.pipeline import pending_work, replay_journals
 from captioning.presets import Preset, resolve_variants
 from captioning.request import variant_groups
-from captioning.schema import CAPTIONS_SCHEMA, captions_dir
+from captioning.schema import captions_dir
+from captioning.schema import write_part as write_rows
+from curation.progress import progress_bar
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 UPLOAD_TIMEOUT_S = 900.0
@@ -107,15 +106,10 @@ def make_batch_client(cfg: CaptionConfig) -> openai.OpenAI:
 
 
 def write_part(data: str | Path, name: str, rows: list[dict]) -> Path | None:
-    """Rows → DATA/captions/part-<name>.parquet, written to a temporary name and renamed; None when no rows."""
+    """Rows → DATA/captions/part-<name>.parquet, atomically (schema.write_part); None when no rows."""
     if not rows:
         return None
-    out = captions_dir(data) / f"part-{name}.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=CAPTIONS_SCHEMA), tmp)
-    os.replace(tmp, out)
-    return out
+    return write_rows(captions_dir(data) / f"part-{name}.parquet", rows)
 
 
 def pending_items(data: Path, presets: dict[str, Preset], state: BatchState) -> tuple[dict[str, dict], list[dict]]:
@@ -144,6 +138,7 @@ class BatchRun:
         self.max_attempts, self.max_in_flight, self.poll_s = max_attempts, max_in_flight, poll_s
         self.presets: dict[str, Preset] = resolve_variants(cfg.variants, cfg.prompt_file)
         self.state = BatchState(data)
+        replay_journals(data)  # an interrupted online run's answers are spent money: in parts before prior_spend
         self.ledger = Ledger(cfg.max_cost_usd, prior_spend(data))  # the budget is the whole job's, as online
         self.price = price_for(cfg.model or "", cfg, batch=True)
         self.writer = InputWriter(batches_dir(data) / "input", f"input-{int(time.time())}",
@@ -152,7 +147,8 @@ class BatchRun:
         self.items: dict[str, dict] = {}  # key → its pending-work item (shard, member, alt text)
         self.stopped: str | None = None
         self.summary = {"batches": [], "outcomes": Counter(), "cost_usd": 0.0, "image_errors": 0}
-        self.bar = tqdm(total=0, desc="caption (batch)", unit="req", dynamic_ncols=True, disable=not progress)
+        self.bar = progress_bar(total=0, desc="caption (batch)", unit="req", dynamic_ncols=True,
+                                disable=not progress)
         self.done_requests = 0
 
     # --- the queue ---------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ The openai client's own retries are off: a 429 must slow *every* request of the 
 all requests until its Retry-After and halves the allowed concurrency, which then grows back by one per window of
 successes (AIMD, as TCP). 5xx, timeouts and connection errors back off exponentially with full jitter, per request.
 401 and 404 (unknown model) raise `FatalError`: no other request can succeed, so the job stops at once.
+After `sender.stop()` (SIGTERM/SIGINT) nothing more is sent: a request not yet sent raises `NotSent`, a retry is not
+made (its Answer says so) and backoffs are cut short; requests already sent are answered as usual.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class ModelNotFound(LookupError):
 
 
 FatalError = (AuthError, ModelNotFound)
+
+
+class NotSent(Exception):
+    """The sender was stopped before this request went out: no answer, no row; the next run asks again."""
 
 
 def is_loopback(url: str | None) -> bool:
@@ -87,10 +93,14 @@ class RateController:
         self.paused_until = 0.0
         self._last_cut = 0.0
         self._cond = asyncio.Condition()
+        self._stopped = asyncio.Event()
 
     async def acquire(self) -> None:
+        """A slot to send in; raises NotSent once stopped."""
         async with self._cond:
             while True:
+                if self._stopped.is_set():
+                    raise NotSent
                 wait = self.paused_until - time.monotonic()
                 if wait > 0:
                     try:  # woken early only by another pause; re-check either way
@@ -107,6 +117,23 @@ class RateController:
         async with self._cond:
             self.in_flight -= 1
             self._cond.notify_all()
+
+    def stop(self) -> None:
+        """From the event loop's thread: every waiting and later `acquire` raises NotSent, `sleep` returns."""
+        if not self._stopped.is_set():
+            self._stopped.set()
+            self._waking = asyncio.get_running_loop().create_task(self.release_waiters())  # held: not GC'd
+
+    async def release_waiters(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    async def sleep(self, seconds: float) -> None:
+        """A backoff, cut short by `stop`."""
+        try:
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     def on_success(self) -> None:
         self.limit = min(self.max, self.limit + 1.0 / self.limit)  # +1 per `limit` successes
@@ -158,6 +185,9 @@ class Sender:
         self.rate = RateController(cfg.concurrency)
         self.counts = {"429": 0, "5xx": 0, "timeout": 0, "connection": 0}
 
+    def stop(self) -> None:
+        self.rate.stop()
+
     def backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** (attempt - 1)))
 
@@ -185,10 +215,16 @@ class Sender:
         return None
 
     async def send(self, body: dict, key: str) -> Answer:
-        """Up to `max_attempts` tries; raises AuthError / ModelNotFound, otherwise always returns an Answer."""
+        """Up to `max_attempts` tries; raises AuthError / ModelNotFound, or NotSent when stopped before the first
+        try; otherwise always returns an Answer."""
         error, latency = "not sent", 0.0
         for attempt in range(1, self.cfg.max_attempts + 1):
-            await self.rate.acquire()
+            try:
+                await self.rate.acquire()
+            except NotSent:
+                if attempt == 1:
+                    raise
+                return Answer(None, f"stopped before retrying: {error}"[:300], latency, attempt - 1)
             started = time.monotonic()
             wait = None
             try:
@@ -220,5 +256,5 @@ class Sender:
             finally:
                 await self.rate.release()
             if wait is not None and attempt < self.cfg.max_attempts:
-                await asyncio.sleep(wait)
+                await self.rate.sleep(wait)
         return Answer(None, f"gave up after {self.cfg.max_attempts} attempts: {error}", latency, self.cfg.max_attempts)

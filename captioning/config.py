@@ -79,8 +79,11 @@ class CaptionConfig(_Strict):
     backoff_s: float = Field(1.0, gt=0, description="first backoff; doubles per attempt, jittered")
     backoff_max_s: float = Field(60.0, gt=0)
     chunk_size: int = Field(256, ge=1, description="keys whose images are read and resized together")
+    # Every answer is journaled as it arrives (captioning/journal.py); parts are compacted from the journal.
     flush_rows: int = Field(512, ge=1, description="rows per Parquet part, at most")
-    flush_s: float = Field(5.0, gt=0, description="flush at least this often, so a kill loses only in-flight work")
+    flush_s: float = Field(5.0, gt=0, description="compact the journal into a Parquet part at least this often")
+    drain_s: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT: seconds to wait for the requests in flight "
+                                                   "before abandoning them (a second signal abandons at once)")
 
     @field_validator("variants")
     @classmethod

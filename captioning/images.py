@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from captioning.config import CaptionConfig
+from curation.decode import decode_rgb
 from curation.download import read_members
 
 @dataclass(frozen=True)
@@ -29,15 +30,15 @@ class Image:
 
 def prepare(raw: bytes, max_side: int, quality: int) -> Image:
     """Longest side to `max_side` (never upscaled), RGB JPEG, as a data URL."""
-    with PILImage.open(io.BytesIO(raw)) as im:
-        im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale when much larger (fast path)
-        im = im.convert("RGB")
-        if max(im.size) > max_side:
-            scale = max_side / max(im.size)
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                           PILImage.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=quality)
+    # What the filters saw (EXIF orientation, alpha over white, 16-bit scaled); a JPEG much larger than max_side
+    # decodes at a reduced scale (fast path).
+    im = decode_rgb(raw, draft=max_side)
+    if max(im.size) > max_side:
+        scale = max_side / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       PILImage.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
     return Image("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), im.width, im.height)
 
 

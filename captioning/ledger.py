@@ -4,13 +4,14 @@ Every request reserves an upper-bound estimate of its cost when it starts (promp
 margin, completion tokens at the preset's cap) and settles with the actual usage when it ends; a request that
 cannot reserve is not sent. So spent + in flight never passes the budget, however many requests are in flight.
 
-With several Ray workers, the budget lives in one `LedgerActor`; each worker leases blocks of it (`LeasedBudget`)
-so that a request costs no round trip to the actor.
+One worker (in-process) books against a `LocalBudget`; with several Ray workers, the budget lives in one
+`LedgerActor` and each worker leases blocks of it (`LeasedBudget`) so that a request costs no round trip to the actor.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 from captioning.config import CaptionConfig, Price
 
@@ -78,6 +79,24 @@ class Ledger:
     def settle(self, reserved: float, actual: float) -> None:
         self.reserved = max(0.0, self.reserved - reserved)
         self.spent += actual
+
+
+class LocalBudget(Ledger):
+    """The in-process budget (workers: 1), which also drives the progress bar (a tqdm bar, or None)."""
+
+    def __init__(self, budget_usd: float | None, bar=None, spent: float = 0.0):
+        super().__init__(budget_usd, spent)
+        self.bar, self.done, self.prior = bar, Counter(), spent
+
+    def count(self, status: str, n: int = 1) -> None:
+        self.done[status] += n
+        if self.bar is not None:
+            self.bar.update(n)
+            done = " ".join(f"{k}={v}" for k, v in self.done.items())
+            self.bar.set_postfix_str(f"${self.spent - self.prior:.4f} {done}", refresh=False)
+
+    def flush(self, final: bool = False) -> None:
+        """Nothing to report: the bar is updated as rows come (LeasedBudget reports to its actor here)."""
 
 
 class LedgerActor:

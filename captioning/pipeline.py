@@ -3,46 +3,48 @@
     lensforge caption --data data --base-url http://127.0.0.1:8001/v1 --model gpt-4.1-mini --variants dense,short
 
 Resumable by construction: a (key, variant) already `ok` in DATA/captions/part-*.parquet is never requested again;
-errors and refusals are asked again on the next run. Rows are written as they come (tmp + rename, every
-`flush_rows` rows or `flush_s` seconds), so a kill loses only the requests in flight.
+errors and refusals are asked again on the next run. Every answer is journaled the moment it arrives
+(captioning/journal.py) and compacted into Parquet parts every `flush_rows` rows or `flush_s` seconds, so a kill
+loses only the requests in flight; a rerun first replays what journals hold. SIGTERM / SIGINT stop cleanly: no new
+request, up to `drain_s` for those in flight, then exit 143 / 130 with a one-line account (captioning/worker.py).
 
-Steps: pending work (manifest kept rows − ok captions) → images read per chunk, one chunk ahead in a thread →
-requests under a per-worker rate controller and a shared budget → rows → Parquet parts → summary.
-`workers` > 1 splits the pending keys over Ray actors, each with its own event loop and parts, sharing one budget.
+Steps: replay journals → pending work (manifest kept rows − ok captions) → images read per chunk, one chunk
+ahead in a thread → requests under a per-worker rate controller and a shared budget → rows → journal → parts →
+summary (captioning/worker.py holds the per-worker part). `workers` > 1 splits the pending keys over Ray actors
+(captioning/ray_workers.py), each with its own event loop, journal and parts, sharing one budget.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import secrets
+import signal
+import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from captioning.checks import words
-from captioning.client import Sender, make_client, resolve_api_key
 from captioning.config import CaptionConfig
-from captioning.images import Image, load_images
-from captioning.ledger import Ledger, price_for, prior_spend, reservation_usd
+from captioning.journal import replay
+from captioning.ledger import LocalBudget, price_for, prior_spend
 from captioning.presets import Preset, resolve_variants
-from captioning.request import build_request, error_rows, parse_response, variant_groups
-from captioning.schema import CAPTIONS_SCHEMA, STATUS_OK, captions_dir, read_captions
+from captioning.request import build_request, variant_groups
+from captioning.schema import STATUS_OK, captions_dir, read_captions
+from captioning.worker import Stats, Stopped, Worker, read_images, run_with_signals
 from curation.manifest import read_manifest
+from curation.progress import progress_bar
 
 MANIFEST_COLUMNS = ["key", "alt_text", "shard", "member", "keep"]
 
 
 def pending_work(data: str | Path, presets: dict[str, Preset]) -> list[dict]:
-    """Kept manifest rows with the variants not yet `ok`: {key, alt_text, shard, member, variants}, in key order."""
+    """Kept manifest rows with the variants not yet `ok`: {key, alt_text, shard, member, variants}, in key order.
+    Journals left by an interrupted run are replayed into parts first: their rows count as done."""
     kept = read_manifest(data, columns=MANIFEST_COLUMNS)
+    replay_journals(data)
     kept = kept.filter(pc.fill_null(kept["keep"], False)).sort_by("key").to_pandas()
     done = read_captions(data, columns=["key", "variant", "status"]).to_pandas()
     done = done[done["status"] == STATUS_OK]
@@ -56,235 +58,19 @@ def pending_work(data: str | Path, presets: dict[str, Preset]) -> list[dict]:
     return items
 
 
-class PartWriter:
-    """Rows → DATA/captions/part-<run>-<worker>-<n>.parquet, written to a temporary name and renamed."""
-
-    def __init__(self, data: str | Path, run_id: str, worker: int, cfg: CaptionConfig):
-        self.out = captions_dir(data)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.prefix, self.cfg = f"part-{run_id}-{worker:03d}", cfg
-        self.rows: list[dict] = []
-        self.n = 0
-        self.last = time.monotonic()
-
-    def add(self, rows: list[dict]) -> None:
-        self.rows.extend(rows)
-        if len(self.rows) >= self.cfg.flush_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        self.last = time.monotonic()
-        if not self.rows:
-            return
-        table = pa.Table.from_pylist(self.rows, schema=CAPTIONS_SCHEMA)
-        name = f"{self.prefix}-{self.n:05d}.parquet"
-        tmp = self.out / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.out / name)
-        self.rows, self.n = [], self.n + 1
-
-    async def ticker(self) -> None:
-        """Flush at least every `flush_s`, so slow requests still reach the disk."""
-        while True:
-            await asyncio.sleep(self.cfg.flush_s)
-            if time.monotonic() - self.last >= self.cfg.flush_s:
-                self.flush()
-
-
-@dataclass
-class Stats:
-    """Final outcome of each (key, variant) of this run, plus what it cost."""
-
-    outcomes: Counter = field(default_factory=Counter)  # (variant, status) → pairs
-    words: Counter = field(default_factory=Counter)  # variant → words over ok captions
-    requests: int = 0
-    cost_usd: float = 0.0
-    stopped: str | None = None  # "budget" when the budget stopped the run early
-    transport: Counter = field(default_factory=Counter)
-
-    def merge(self, other: dict) -> None:
-        self.outcomes.update(other["outcomes"])
-        self.words.update(other["words"])
-        self.requests += other["requests"]
-        self.cost_usd += other["cost_usd"]
-        self.stopped = self.stopped or other["stopped"]
-        self.transport.update(other["transport"])
-
-    def as_dict(self) -> dict:
-        return {"outcomes": dict(self.outcomes), "words": dict(self.words), "requests": self.requests,
-                "cost_usd": self.cost_usd, "stopped": self.stopped, "transport": dict(self.transport)}
-
-
-class LocalBudget(Ledger):
-    """The in-process budget (workers: 1), which also drives the progress bar."""
-
-    def __init__(self, budget_usd: float | None, bar: tqdm | None, spent: float = 0.0):
-        super().__init__(budget_usd, spent)
-        self.bar, self.done, self.prior = bar, Counter(), spent
-
-    def count(self, status: str, n: int = 1) -> None:
-        self.done[status] += n
-        if self.bar is not None:
-            self.bar.update(n)
-            done = " ".join(f"{k}={v}" for k, v in self.done.items())
-            self.bar.set_postfix_str(f"${self.spent - self.prior:.4f} {done}", refresh=False)
-
-    def flush(self, final: bool = False) -> None:
-        pass
-
-
-async def prefetch(data: str | Path, items: list[dict], cfg: CaptionConfig):
-    """(chunk, images) pairs; the next chunk's images are read and resized in a thread meanwhile."""
-    chunks = [items[i:i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
-    nxt = asyncio.create_task(asyncio.to_thread(load_images, data, chunks[0], cfg)) if chunks else None
-    try:
-        for i, chunk in enumerate(chunks):
-            images = await nxt
-            nxt = (asyncio.create_task(asyncio.to_thread(load_images, data, chunks[i + 1], cfg))
-                   if i + 1 < len(chunks) else None)
-            yield chunk, images
-    finally:
-        if nxt is not None:
-            nxt.cancel()
-
-
-class Worker:
-    """One event loop's share of the job: requests under a rate controller, rows to its own Parquet parts."""
-
-    def __init__(self, data, cfg: CaptionConfig, presets: dict[str, Preset], budget, run_id: str, worker: int,
-                 api_key: str | None = None):
-        self.data, self.cfg, self.presets, self.budget = data, cfg, presets, budget
-        self.writer = PartWriter(data, run_id, worker, cfg)
-        self.stats = Stats()
-        self.price = price_for(cfg.model or "", cfg)
-        self.slots = asyncio.Semaphore(cfg.concurrency)  # tasks alive (waiting, retrying or sending)
-        self.api_key = api_key or resolve_api_key(cfg)
-        self.sender: Sender | None = None
-        self.tasks: set[asyncio.Task] = set()
-        self.failures: list[BaseException] = []
-
-    def record(self, rows: list[dict], final: bool) -> None:
-        """Write attempt rows; count the (key, variant) outcomes that are final for this run."""
-        self.writer.add(rows)
-        for r in rows:
-            self.stats.cost_usd += r["cost_usd"] or 0.0
-            if final or r["status"] == STATUS_OK:
-                self.stats.outcomes[(r["variant"], r["status"])] += 1
-                self.budget.count(r["status"])
-                if r["status"] == STATUS_OK:
-                    self.stats.words[r["variant"]] += words(r["text"])
-
-    async def ask(self, item: dict, image: Image, variants: list[str], reserved: list[float]) -> None:
-        """Send the bodies of `variants` (budget already reserved), then re-ask failed checks while allowed."""
-        retries = self.cfg.retry_failed_checks
-        bodies = build_request(item["key"], image.data_url, variants, self.presets, self.cfg, item["alt_text"])
-        groups = variant_groups(variants, self.cfg)
-        while True:
-            # A key's requests go out together; the rate controller caps what is really in flight.
-            failed = sum(await asyncio.gather(*(self.ask_one(item["key"], g, b, est, final=retries == 0)
-                                                for g, b, est in zip(groups, bodies, reserved))), [])
-            if not failed or retries == 0:
-                return
-            retries -= 1
-            bodies = build_request(item["key"], image.data_url, failed, self.presets, self.cfg, item["alt_text"])
-            groups = variant_groups(failed, self.cfg)
-            reserved = [reservation_usd(b, image.width, image.height, self.price) for b in bodies]
-            if self.stats.stopped or not self.budget.reserve(sum(reserved)):
-                self.stats.stopped = "budget"  # no re-ask: the last attempt's row stands, the next run asks again
-                self.stats.outcomes.update((v, "error") for v in failed)
-                self.budget.count("error", len(failed))
-                return
-
-    async def ask_one(self, key: str, group: list[str], body: dict, reserved: float, final: bool) -> list[str]:
-        """One request → rows; returns the variants worth asking again (failed checks, malformed bodies)."""
-        self.stats.requests += 1
-        answer = await self.sender.send(body, key)
-        if answer.body is not None:
-            rows = parse_response(answer.body, [self.presets[v] for v in group], self.cfg, key=key)
-        else:
-            rows = error_rows(key, group, self.cfg, answer.error)
-        for r in rows:
-            r["latency_s"] = round(answer.latency_s, 4)
-        self.budget.settle(reserved, sum(r["cost_usd"] for r in rows))
-        retryable = answer.body is not None or (answer.error or "").startswith("malformed")
-        failed = [r["variant"] for r in rows if r["status"] != STATUS_OK] if retryable else []
-        self.record(rows, final=final or not failed)
-        return failed
-
-    async def launch(self, item: dict, image: Image | str) -> bool:
-        """Reserve budget for one key's requests and start them; False once the budget is spent."""
-        if isinstance(image, str):  # unreadable image: an error row per variant, nothing sent
-            self.record(error_rows(item["key"], item["variants"], self.cfg, image), final=True)
-            return True
-        bodies = build_request(item["key"], image.data_url, item["variants"], self.presets, self.cfg,
-                               item["alt_text"])
-        reserved = [reservation_usd(b, image.width, image.height, self.price) for b in bodies]
-        while not self.budget.reserve(sum(reserved)):
-            if not self.tasks:  # nothing in flight will free room: stop before the budget is exceeded
-                self.stats.stopped = "budget"
-                return False
-            await asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_COMPLETED)  # settles free room
-            self.raise_failures()
-        task = asyncio.create_task(self.ask(item, image, item["variants"], reserved))
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-        return True
-
-    def _done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        self.slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            self.failures.append(task.exception())  # fatal (401, unknown model): stops the whole job now
-
-    def raise_failures(self) -> None:
-        if self.failures:
-            raise self.failures[0]
-
-    async def launch_chunk(self, chunk: list[dict], images: dict) -> bool:
-        for item in chunk:
-            await self.slots.acquire()
-            self.raise_failures()
-            if not await self.launch(item, images[item["key"]]):
-                self.slots.release()
-                return False
-        return True
-
-    async def run(self, items: list[dict]) -> dict:
-        client = make_client(self.cfg, self.api_key)
-        self.sender = Sender(client, self.cfg, self.api_key)
-        ticker = asyncio.create_task(self.writer.ticker())
-        try:
-            async with client:
-                try:
-                    await self.feed(items)
-                finally:  # on a fatal error or a kill: stop what is in flight before closing the client
-                    pending = list(self.tasks)
-                    for t in pending:
-                        t.cancel()
-                    await asyncio.gather(*pending, return_exceptions=True)
-        finally:
-            ticker.cancel()
-            self.writer.flush()
-            self.budget.flush(final=True)
-        self.stats.transport.update(self.sender.counts)
-        return self.stats.as_dict()
-
-    async def feed(self, items: list[dict]) -> None:
-        async for chunk, images in prefetch(self.data, items, self.cfg):
-            if not await self.launch_chunk(chunk, images):
-                break
-        while self.tasks:
-            await asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_COMPLETED)
-            self.raise_failures()
-        self.raise_failures()
+def replay_journals(data: str | Path) -> None:
+    """Compact what an interrupted run's journals hold into parts (captioning/journal.py), saying so if anything."""
+    message = replay(data).message(data)
+    if message:
+        print(message, flush=True)
 
 
 def run_local(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[dict], run_id: str,
               spent: float = 0.0) -> dict:
     pairs = sum(len(i["variants"]) for i in items)
-    with tqdm(total=pairs, desc="caption", unit="caption", dynamic_ncols=True) as bar:
+    with progress_bar(total=pairs, desc="caption", unit="caption", dynamic_ncols=True) as bar:
         budget = LocalBudget(cfg.max_cost_usd, bar, spent)
-        return asyncio.run(Worker(data, cfg, presets, budget, run_id, 0).run(items))
+        return asyncio.run(run_with_signals(Worker(data, cfg, presets, budget, run_id, 0), items))
 
 
 def dry_run(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[dict]) -> dict:
@@ -294,7 +80,7 @@ def dry_run(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[di
     from captioning.tokens import TOKENS_PER_WORD
 
     sample = random.Random(0).sample(items, min(cfg.dry_run_sample, len(items)))
-    images = load_images(data, sample, cfg)
+    images = read_images(data, sample, cfg)
     seen = {v: Counter() for v in presets}  # per variant: pairs, requests, prompt, completion (sampled)
     for item in sample:
         image = images[item["key"]]
@@ -378,4 +164,17 @@ def caption(data: str | Path, cfg: CaptionConfig, dry: bool = False) -> dict:
     stats = run(data, cfg, presets, items, run_id, spent)
     stats["total_spent_usd"] = spent + stats["cost_usd"]
     print(format_summary(stats, pairs, cfg))
+    if stats["signal"]:
+        message = format_stopped(stats, data, cfg)
+        sys.stdout.flush()  # the summary first, the account last
+        print(message, file=sys.stderr, flush=True)
+        raise Stopped(stats["signal"], message)
     return stats
+
+
+def format_stopped(stats: dict, data, cfg: CaptionConfig) -> str:
+    """The one line a stopped run ends with: what is on disk, what was abandoned, what to do."""
+    name = signal.Signals(stats["signal"]).name
+    return (f"caption: stopped by {name}: {stats['rows']} answer row(s) of this run saved in {captions_dir(data)}, "
+            f"{stats['abandoned']} request(s) in flight abandoned (drain_s {cfg.drain_s:g}); "
+            "rerun the same command to finish what is left")

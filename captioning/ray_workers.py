@@ -1,26 +1,39 @@
 """`lensforge caption --workers N`: the pending keys split over N Ray actors, each running its own event loop
-(captioning/pipeline.py's Worker) and writing its own Parquet parts, all sharing one budget in a LedgerActor.
+(captioning/worker.py's Worker) and writing its own journal and Parquet parts, all sharing one budget in a
+LedgerActor.
 
 The driver shows one progress bar from the ledger actor's counts; the first fatal error (401, unknown model) of any
-worker is raised as is, and every actor is killed.
+worker is raised as is, and every actor is killed. SIGTERM / SIGINT in the driver are forwarded to every actor's
+loop (`RayWorker.stop`), which drains as one worker does; a second signal abandons at once. Whatever happens to the
+driver, each worker journals every answer as it arrives, so even a SIGKILL of the whole job loses none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-
-from tqdm import tqdm
+import signal
+import threading
+import time
 
 from captioning.client import resolve_api_key
 from captioning.config import CaptionConfig
-from captioning.pipeline import Stats, Worker
 from captioning.presets import Preset
+from captioning.worker import Stats, Worker
+from curation.progress import progress_bar
+
+ACTOR_GRACE_S = 15.0  # after a stop's drain: time for the actors to compact their journals and return
 
 
 class RayWorker:
-    """A Ray actor running one Worker's event loop. The key comes as an argument, never through the (logged)
-    runtime environment."""
+    """A Ray actor running one Worker's event loop, in one of its two threads (max_concurrency=2); the other takes
+    `stop` while `run` runs. The key comes as an argument, never through the (logged) runtime environment."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: Worker | None = None
+        self._stop: tuple[int, bool] | None = None  # a stop that came before the loop ran
 
     def run(self, data, cfg, presets, items, run_id, worker, ledger, api_key) -> dict:
         from captioning.ledger import LeasedBudget
@@ -29,6 +42,11 @@ class RayWorker:
         w = Worker(data, cfg, presets, budget, run_id, worker, api_key=api_key)
 
         async def main():
+            with self._lock:
+                self._loop, self._worker = asyncio.get_running_loop(), w
+                if self._stop is not None:
+                    w.request_stop(*self._stop)
+
             async def report():  # progress and spent dollars to the ledger actor, for the driver's bar
                 while True:
                     await asyncio.sleep(0.5)
@@ -40,12 +58,43 @@ class RayWorker:
                 reporter.cancel()
         return asyncio.run(main())
 
+    def stop(self, signum: int, abort: bool) -> None:
+        """The driver's signal, into the running loop (or kept for it). Repeating a call changes nothing."""
+        with self._lock:
+            self._stop = (signum, abort)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._worker.request_stop, signum, abort)
+
 
 def proxy_env() -> dict[str, str]:
     """The driver's proxy settings: init_ray points Ray's own processes at a closed loopback proxy, which the
     workers would otherwise inherit and so never reach api.openai.com."""
     names = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy")
     return {n: os.environ.get(n, "") for n in names}
+
+
+class DriverSignals:
+    """SIGTERM / SIGINT in the driver, counted here (watch_ray forwards them) instead of exiting: ray.init's own
+    SIGTERM handler exits at once. The previous handlers come back on exit. Main thread only."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.count = 0  # signals received
+        self.sent = 0  # ... and forwarded
+        self._saved: dict = {}
+
+    def __call__(self, signum, frame) -> None:
+        self.signum, self.count = self.signum or signum, self.count + 1
+
+    def __enter__(self) -> DriverSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._saved[sig] = signal.signal(sig, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def run_ray(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[dict], run_id: str,
@@ -59,26 +108,40 @@ def run_ray(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[di
     env = proxy_env()
     init_ray(cfg.ray_address)
     ledger = ray.remote(num_cpus=0)(LedgerActor).remote(cfg.max_cost_usd, spent)
-    actor_cls = ray.remote(num_cpus=0, runtime_env={"env_vars": env})(RayWorker)
+    actor_cls = ray.remote(num_cpus=0, max_concurrency=2, runtime_env={"env_vars": env})(RayWorker)
     n = min(cfg.workers, max(1, len(items)))
     actors = [actor_cls.remote() for _ in range(n)]
-    refs = [a.run.remote(str(data), cfg, presets, items[i::n], run_id, i, ledger, api_key)
-            for i, a in enumerate(actors)]
     stats = Stats()
-    try:
-        watch_ray(refs, ledger, sum(len(i["variants"]) for i in items), stats, spent)
-    finally:
-        for a in actors:
-            ray.kill(a)
+    with DriverSignals() as signals:
+        refs = [a.run.remote(str(data), cfg, presets, items[i::n], run_id, i, ledger, api_key)
+                for i, a in enumerate(actors)]
+        try:
+            watch_ray(refs, actors, ledger, sum(len(i["variants"]) for i in items), stats, spent, signals,
+                      cfg.drain_s)
+        finally:
+            for a in actors:
+                ray.kill(a)
+    stats.signal = stats.signal or signals.signum
     return stats.as_dict()
 
 
-def watch_ray(refs: list, ledger, pairs: int, stats: Stats, prior: float) -> None:
-    """Driver-side progress from the ledger actor; the first fatal worker error is raised as is."""
+def watch_ray(refs: list, actors: list, ledger, pairs: int, stats: Stats, prior: float, signals: DriverSignals,
+              drain_s: float) -> None:
+    """Driver-side progress from the ledger actor; the first fatal worker error is raised as is; signals are
+    forwarded to the actors, which are waited for up to their drain (plus ACTOR_GRACE_S)."""
     import ray
 
-    with tqdm(total=pairs, desc="caption", unit="caption", dynamic_ncols=True) as bar:
+    deadline = None
+    with progress_bar(total=pairs, desc="caption", unit="caption", dynamic_ncols=True) as bar:
         while refs:
+            if signals.count > signals.sent:
+                abort = signals.count > 1
+                for a in actors:
+                    a.stop.remote(signals.signum, abort)
+                signals.sent = signals.count
+                deadline = time.monotonic() + (0.0 if abort else drain_s) + ACTOR_GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                return  # the actors are killed; their journals hold every answer they got
             ready, refs = ray.wait(refs, num_returns=1, timeout=0.5)
             for ref in ready:
                 try:

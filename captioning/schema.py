@@ -1,11 +1,14 @@
 """The captions table: DATA/captions/part-*.parquet, long format, one row per (key, variant).
 
-This module owns the schema (ARCHITECTURE.md, "Captions"); precompute and training import it from here.
-A key already `ok` for a variant is never requested again.
+This module owns the schema (ARCHITECTURE.md, "Captions") and how a part is written; precompute and training import
+it from here. A key already `ok` for a variant is never requested again. Only `part-*.parquet` files are the table:
+sidecar folders beside them start with `_` (`_journal/`, `_batches/`), which pyarrow datasets and pandas skip, and
+hold no .parquet files, which Ray Data's read_parquet skips by extension.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,6 +43,28 @@ CAPTION_COLUMNS = tuple(CAPTIONS_SCHEMA.names)
 
 def captions_dir(data: str | Path) -> Path:
     return Path(data) / "captions"
+
+
+def write_part(path: Path, rows: list[dict], metadata: dict[bytes, bytes] | None = None) -> Path:
+    """Rows → one part at `path`, atomically: written to a hidden temporary name in the same folder, fsynced, renamed,
+    and the folder fsynced, so neither a reader nor a crash ever sees half a part. `metadata` goes into the Parquet
+    schema's key-value metadata (the journal's compaction records there which journal lines the part holds)."""
+    table = pa.Table.from_pylist(rows, schema=CAPTIONS_SCHEMA)
+    if metadata:
+        table = table.replace_schema_metadata(metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself is durable only once the folder is synced
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
 
 
 def read_captions(data: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from curation.config import CurateConfig
+from curation.progress import progress_bar
 from curation.ray_runtime import QUIET_ENV
 from curation.safety import POLICY_ENV, UrlPolicy
 
@@ -62,7 +62,7 @@ def done_shards(download_dir: Path) -> list[str]:
 
 def _watch(download_dir: Path, total: int, stop: threading.Event) -> None:
     """img2dataset's Ray distributor prints no progress; count finished shards instead."""
-    with tqdm(total=total, desc="download", unit="shard", initial=len(done_shards(download_dir))) as bar:
+    with progress_bar(total=total, desc="download", unit="shard", initial=len(done_shards(download_dir))) as bar:
         while not stop.wait(0.5):
             bar.update(len(done_shards(download_dir)) - bar.n)
         bar.update(len(done_shards(download_dir)) - bar.n)

@@ -24,6 +24,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from curation.decode import has_alpha, to_rgb
+
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1200px;
        padding: 0 1em; color: #222; background: #fff; }
@@ -70,15 +72,15 @@ def image_tag(pil_image, max_side: int = 128, title: str = "", alt: str | None =
     """A thumbnail (longest side ≤ max_side) as an inline <img>: JPEG, or PNG when the image has alpha.
     `title` is the hover text (newlines allowed); the caller's image is not modified."""
     img = pil_image
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-    img = img.convert("RGBA" if has_alpha else "RGB")
+    alpha = has_alpha(img)
+    img = img.convert("RGBA") if alpha else to_rgb(img)  # to_rgb: 16-bit and float modes scaled, not clipped
     w, h = img.size
     scale = min(1.0, max_side / max(w, h, 1))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if size != (w, h):
         img = img.resize(size, reducing_gap=3.0)
     buf = io.BytesIO()
-    if has_alpha:
+    if alpha:
         img.save(buf, format="PNG", optimize=True)
         mime = "image/png"
     else:

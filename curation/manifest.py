@@ -11,6 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.atomic import recover_folder
+
 # `status`: what happened to the bytes (img2dataset's success / failed_to_download / failed_to_resize).
 STATUS_OK = "ok"
 STATUS_FAILED_DOWNLOAD = "failed_download"
@@ -71,6 +73,7 @@ def manifest_dir(data: str | Path) -> Path:
 
 def read_manifest(data: str | Path, columns: list[str] | None = None) -> pa.Table:
     """Every manifest row of DATA; a clear error when the manifest is missing."""
+    recover_folder(manifest_dir(data))  # a curate killed mid-swap: its complete new manifest, or the old one
     parts = sorted(manifest_dir(data).glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no manifest under {manifest_dir(data)}: run `lensforge curate` first")

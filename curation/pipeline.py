@@ -14,7 +14,6 @@ Steps, each resumable (kill at any moment, rerun the same command, only what is 
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +22,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
+from curation.atomic import recover_folder, staging_dir, swap_folder
 from curation.config import CurateConfig
 from curation.dedup import find_duplicates
 from curation.download import (
@@ -38,6 +37,7 @@ from curation.download import (
 from curation.funnel import format_funnel, funnel, write_funnel_json
 from curation.inputs import read_url_list
 from curation.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED_DOWNLOAD, manifest_dir
+from curation.progress import progress_bar
 from curation.ray_runtime import init_ray
 from curation.report import write_report
 from curation.safety import UrlGuard
@@ -74,7 +74,7 @@ def filter_shards(data: Path, cfg: CurateConfig) -> list[dict]:
     actor_cls = ray.remote(num_cpus=1)(ShardFilter)
     pool = ActorPool([actor_cls.remote(str(data), cfg) for _ in range(n_actors)])
     stats = []
-    for result in tqdm(pool.map_unordered(lambda a, s: a.__call__.remote(s), todo), total=len(todo),
+    for result in progress_bar(pool.map_unordered(lambda a, s: a.__call__.remote(s), todo), total=len(todo),
                        desc="filter", unit="shard"):
         stats.append(result)
     return stats
@@ -126,7 +126,7 @@ def dedup(data: Path, filtered: pd.DataFrame, cfg: CurateConfig) -> dict[str, st
     keys = cands["key"].tolist()
     rank_col = "aesthetic" if cands["aesthetic"].notna().any() else "clip_score"
     rank = cands[rank_col].to_numpy(dtype=np.float64) if cands[rank_col].notna().any() else None
-    with tqdm(total=1, desc="dedup", unit="pass") as bar:
+    with progress_bar(total=1, desc="dedup", unit="pass") as bar:
         embeddings, pairs = clip_pairs(data, keys, cfg)
         dups = find_duplicates(
             keys=keys,
@@ -166,14 +166,12 @@ def write_manifest(manifest: pd.DataFrame, data: Path) -> pa.Table:
     for col in manifest.columns[len(MANIFEST_COLUMNS):]:  # carried input columns keep their inferred types
         schema = schema.append(pa.Schema.from_pandas(manifest[[col]], preserve_index=False).field(col))
     table = pa.Table.from_pandas(manifest, schema=schema, preserve_index=False)
-    out = manifest_dir(data)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("part-*.parquet"):
-        old.unlink()
+    # the new parts are written beside the old manifest and swapped in whole: a kill leaves the old or the new
+    recover_folder(manifest_dir(data))
+    staged = staging_dir(manifest_dir(data))
     for i, start in enumerate(range(0, max(len(table), 1), MANIFEST_PART_ROWS)):
-        tmp = out / f".part-{i:05d}.parquet.tmp"
-        pq.write_table(table.slice(start, MANIFEST_PART_ROWS), tmp)
-        os.replace(tmp, out / f"part-{i:05d}.parquet")
+        pq.write_table(table.slice(start, MANIFEST_PART_ROWS), staged / f"part-{i:05d}.parquet")
+    swap_folder(staged, manifest_dir(data))
     return table
 
 

@@ -14,15 +14,13 @@ is the pixel slice of manifest.REJECT_REASONS.
 from __future__ import annotations
 
 import hashlib
-import io
-import warnings
-from contextlib import contextmanager
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image
 
 from curation.config import CurateConfig
+from curation.decode import decode_rgb
 
 # In manifest.REJECT_REASONS order (checked by the tests).
 PIXEL_CHECKS = ("min_area", "aspect", "blur", "entropy", "luminance")
@@ -36,56 +34,14 @@ BLUR_GRID = 8  # blur is scored per tile of an 8×8 grid (32 px tiles at the 256
 THUMB_SIDE = 8  # dedup's confirmation thumbnail: (8, 8, 3) uint8, 192 bytes a row
 
 
-@contextmanager
-def _strict_truncation():
-    """PIL's LOAD_TRUNCATED_IMAGES is a module global that other libraries set to True; force False while we
-    decode (a truncated file must fail, not come back half grey) and put back whatever was there."""
-    old = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = old
-
-
 def decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Bytes → (H, W, 3) uint8 RGB, as a viewer shows it (EXIF orientation applied, alpha over white).
+    """Bytes → (H, W, 3) uint8 RGB, as a browser shows it: curation.decode.decode_rgb (EXIF orientation applied,
+    alpha over white, 16-bit modes scaled), as the array the filters take.
 
     The header's size is checked against `max_pixels` before any pixel is decoded.
     Raises ValueError("decompression bomb: WxH") or ValueError("undecodable: ...").
     """
-    with _strict_truncation(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own max_pixels decides
-        try:
-            im = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:  # PIL's own cap (2 × MAX_IMAGE_PIXELS), if ours is higher
-            raise ValueError(f"decompression bomb: {e}") from e
-        except Image.UnidentifiedImageError as e:  # its message names a BytesIO address: not reproducible
-            raise ValueError("undecodable: not an image format Pillow recognises") from e
-        except Exception as e:  # OSError, SyntaxError from broken headers
-            raise ValueError(f"undecodable: {type(e).__name__}: {e}") from e
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ValueError(f"decompression bomb: {w}x{h}")
-        try:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = _to_rgb(im)
-        except Exception as e:  # truncated data, bad chunks, decoder errors
-            raise ValueError(f"undecodable: {type(e).__name__}: {e}") from e
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"undecodable: empty image {w}x{h}")
-    return rgb
-
-
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    """Transparent pixels go over white (what a browser page usually shows), not over whatever RGB hides there."""
-    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.asarray(decode_rgb(data, max_pixels), dtype=np.uint8)
 
 
 def pixel_scores(img: np.ndarray) -> dict[str, float]:

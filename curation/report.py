@@ -12,7 +12,6 @@ their URL and error instead.
 
 from __future__ import annotations
 
-import io
 import tarfile
 from html import escape
 from collections import defaultdict
@@ -21,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
 
 from curation.config import CurateConfig
+from curation.decode import decode_rgb
 from curation.download import read_members
 from curation.funnel import funnel
 from curation.html import figure_tag, image_tag, new_figure, table_html, write_page
@@ -235,8 +234,7 @@ def download_thumbnails(download_dir: Path, where: dict, max_side: int, title=No
                 out[ident] = f"thumbnail: {member} not in {shard}"
                 continue
             try:
-                img = Image.open(io.BytesIO(blobs[member]))
-                img.draft("RGB", (max_side * 2, max_side * 2))  # JPEG: decode at reduced scale
+                img = decode_rgb(blobs[member], draft=max_side * 2)  # as the filters saw it; JPEG at reduced scale
                 hover = title(ident) if title else str(ident)
                 out[ident] = image_tag(img, max_side=max_side, title=hover, alt=str(ident))
             except Exception as err:  # a corrupt member must not sink the whole report

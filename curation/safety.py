@@ -8,8 +8,9 @@ Two layers, one policy (`UrlGuard`):
   `worker_process_setup_hook`), so img2dataset's own `urllib.request.urlopen` goes through it. It resolves the host
   inside `connect()` and connects to the address it vetted (no second DNS lookup for a rebinding attacker to
   answer), re-checks every redirect target, and caps each response's body size and total wall time (a server that
-  dribbles a byte a second trips the time cap, not just the per-read socket timeout). It has no file://, ftp:// or
-  data: handlers and ignores proxy environment variables.
+  dribbles a byte a second trips the time cap, not just the per-read socket timeout). A body that ends before its
+  Content-Length or its last chunk raises `IncompleteBodyError` (RFC 9112 §6.3: such a message is incomplete), so
+  the cut bytes never pass for an image. It has no file://, ftp:// or data: handlers and ignores proxy variables.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 UNSAFE_PREFIX = "unsafe url: "  # every refusal message starts with this; curate maps it to reject_reason unsafe_url
+INCOMPLETE_PREFIX = "incomplete body: "  # a response cut short; curate records it as a failed_download
 POLICY_ENV = "LENSFORGE_URL_POLICY"  # the policy travels to Ray workers as JSON in this environment variable
 ALLOWED_SCHEMES = ("http", "https")
 MAX_REDIRECTS = 5
@@ -38,6 +40,20 @@ class UnsafeURLError(urllib.error.URLError):
 
     def __str__(self) -> str:  # URLError's str is "<urlopen error ...>"; img2dataset records str(err)
         return str(self.reason)
+
+
+class IncompleteBodyError(http.client.IncompleteRead):
+    """The connection closed before the declared Content-Length (`declared`), or, chunked (`declared` None),
+    before the last chunk. An IncompleteRead, so code that catches the standard error catches this one."""
+
+    def __init__(self, received: int, declared: int | None = None):
+        super().__init__(b"", None if declared is None else declared - received)  # IncompleteRead: bytes still due
+        self.received, self.declared = received, declared
+
+    def __str__(self) -> str:  # img2dataset records str(err) as the row's error
+        if self.declared is None:
+            return f"{INCOMPLETE_PREFIX}chunked body ended after {self.received} bytes, before its last chunk"
+        return f"{INCOMPLETE_PREFIX}{self.received} of {self.declared} bytes"
 
 
 @dataclass(frozen=True)
@@ -135,10 +151,12 @@ class UrlGuard:
 
 
 class _CappedResponse(io.BufferedIOBase):
-    """Wraps an HTTPResponse: `read()` stops past max_bytes or past max_seconds since the request started."""
+    """Wraps an HTTPResponse: `read()` stops past max_bytes or past max_seconds since the request started, and
+    raises IncompleteBodyError on a body cut short."""
 
     def __init__(self, response: http.client.HTTPResponse, policy: UrlPolicy, started: float):
         self._response, self._policy, self._started = response, policy, started
+        self._received = 0  # body bytes so far, over every read()
 
     def __getattr__(self, name):  # headers, status, code, url, getheader, info, geturl ...
         return getattr(self._response, name)
@@ -152,7 +170,7 @@ class _CappedResponse(io.BufferedIOBase):
         while total < limit:
             if time.monotonic() - self._started > self._policy.max_seconds:
                 raise TimeoutError(f"response took longer than {self._policy.max_seconds:g} s")
-            chunk = self._response.read1(min(65536, limit - total))
+            chunk = self._read1(min(65536, limit - total))
             if not chunk:
                 break
             chunks.append(chunk)
@@ -160,6 +178,19 @@ class _CappedResponse(io.BufferedIOBase):
         if total > self._policy.max_bytes:
             raise ValueError(f"response body over {self._policy.max_bytes} bytes")
         return b"".join(chunks)
+
+    def _read1(self, n: int) -> bytes:
+        """HTTPResponse.read1, with a short body made an error. read1 ends a Content-Length body that the server
+        cut short silently: it returns b"" and leaves `length` (the bytes still declared) above 0, where read()
+        would raise IncompleteRead. A chunked body cut short raises a bare IncompleteRead(b'')."""
+        try:
+            chunk = self._response.read1(n)
+        except http.client.IncompleteRead:
+            raise IncompleteBodyError(self._received) from None
+        self._received += len(chunk)
+        if not chunk and self._response.length:  # None: chunked or read to close; 0: all of it arrived
+            raise IncompleteBodyError(self._received, self._received + self._response.length)
+        return chunk
 
     def close(self) -> None:
         self._response.close()

@@ -1,8 +1,10 @@
 """The filter step over one downloaded shard: decode, pixel filters, one CLIP pass, hashes for dedup.
 
 Input: DATA/download/{shard}.tar + {shard}.parquet (img2dataset). Output: DATA/filtered/{shard}.parquet, one row
-per URL of the shard, and DATA/filtered/{shard}.json (counts per reason, the worker's node, the config hash) —
-written last, so it marks the shard done. Rerunning a done shard with the same filter config is skipped.
+per URL of the shard, and DATA/filtered/_done/{shard}.json (counts per reason, the worker's node, the config hash,
+the part's size) — written last, so it marks the shard done. A rerun skips a done shard only while its part is
+there with the size the marker records and the filter config is the same; otherwise it filters it again. Markers sit
+under `_done/`, which Parquet readers skip, so `pd.read_parquet("DATA/filtered")` reads the parts alone.
 """
 
 from __future__ import annotations
@@ -54,9 +56,31 @@ def filter_config_hash(cfg: CurateConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+MARKER_DIR = "_done"  # under DATA/filtered: a leading "_" keeps pandas, pyarrow and Ray Data out of it
+
+
+def marker_path(filtered_dir: Path, shard: str) -> Path:
+    return Path(filtered_dir) / MARKER_DIR / f"{shard}.json"
+
+
+def read_markers(filtered_dir: Path) -> list[dict]:
+    """Every done shard's record (reasons, node, seconds, config hash, part size)."""
+    return [json.loads(p.read_text()) for p in sorted((Path(filtered_dir) / MARKER_DIR).glob("*.json"))]
+
+
 def shard_done(filtered_dir: Path, shard: str, cfg_hash: str) -> bool:
-    marker = filtered_dir / f"{shard}.json"
-    return marker.exists() and json.loads(marker.read_text()).get("config_hash") == cfg_hash
+    """Done when the marker says this config and the part it vouches for is there with the size it recorded."""
+    marker, part = marker_path(filtered_dir, shard), Path(filtered_dir) / f"{shard}.parquet"
+    if not marker.is_file():
+        return False
+    record = json.loads(marker.read_text())
+    if record.get("config_hash") != cfg_hash:
+        return False
+    if not part.is_file() or part.stat().st_size != record.get("part_bytes"):
+        print(f"curate: {part} is missing or not the {record.get('part_bytes')} bytes its marker records: "
+              "filtering that shard again")
+        return False
+    return True
 
 
 def _clean_error(error: str) -> str:
@@ -159,8 +183,10 @@ class ShardFilter:
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "seconds": round(time.time() - started, 3),
             "config_hash": filter_config_hash(self.cfg),
+            "part_bytes": (filtered_dir / f"{shard}.parquet").stat().st_size,
         }
-        marker = filtered_dir / f"{shard}.json"
+        marker = marker_path(filtered_dir, shard)
+        marker.parent.mkdir(parents=True, exist_ok=True)
         marker.with_suffix(".tmp").write_text(json.dumps(stats, indent=1))
         os.replace(marker.with_suffix(".tmp"), marker)
         return stats

@@ -152,7 +152,6 @@ def run_curate(plan: Plan, services: Services) -> dict:
 
 def run_caption(plan: Plan, services: Services) -> dict:
     from captioning.pipeline import caption
-    from captioning.schema import captions_dir
     from pipelines.commands.caption import report_captions
 
     with services.captioner() if services.captioner else contextlib.nullcontext() as base_url:
@@ -161,7 +160,7 @@ def run_caption(plan: Plan, services: Services) -> dict:
             cfg = cfg.model_copy(update={"base_url": base_url})
         if not cfg.model and cfg.azure is None:
             raise ValueError("no captioning model: set caption.model in the pipeline file")
-        save_resolved(cfg, "caption", captions_dir(plan.data))
+        save_resolved(cfg, "caption", plan.data)  # DATA/captions holds Parquet parts only
         if cfg.batch_api:
             from captioning import batch
 

@@ -9,7 +9,11 @@
     {"/images/000003.jpg": {"status": 503}}                                          -> that status, short body
     {"/images/000004.jpg": {"headers": {"X-Robots-Tag": "noai"}}}                     -> extra/replaced headers
     {"/images/000005.jpg": {"dribble_bytes_per_s": 1}}                                -> body sent that slowly
-Unknown paths get 404. `_serve.json` itself is not served.
+    {"/images/000006.jpg": {"send_bytes": 100}}                                       -> 100 bytes, then closed
+    {"/images/000007.jpg": {"chunked": true}}                                         -> chunked transfer coding
+`send_bytes` keeps the whole body's Content-Length (a server that dies mid-body); with `chunked` as well, the bytes
+sent go out as chunks and the last (zero-length) chunk never does. Unknown paths get 404. `_serve.json` itself is not
+served.
 """
 
 from __future__ import annotations
@@ -91,27 +95,33 @@ class Handler(BaseHTTPRequestHandler):
             body = f"{status} {self.responses.get(status, ('',))[0]}\n".encode()
         else:
             body = file.read_bytes()
+        chunked = bool(rule.get("chunked"))
         headers = {"Content-Type": "text/plain" if file is None or status != 200 else
                    (mimetypes.guess_type(file.name)[0] or "application/octet-stream"),
-                   "Content-Length": str(len(body))}
+                   **({"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(len(body))})}
         headers.update(rule.get("headers", {}))
+        if chunked:  # HTTP/1.1's coding (RFC 9112 §7.1), on a connection that still closes after this response
+            self.protocol_version = "HTTP/1.1"
+            headers["Connection"] = "close"
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, str(value))
         self.end_headers()
         if send_body:
-            self._send_body(body, float(rule.get("dribble_bytes_per_s", 0)))
+            sent = body[: int(rule["send_bytes"])] if "send_bytes" in rule else body  # a server that dies early
+            self._send_body(sent, float(rule.get("dribble_bytes_per_s", 0)), chunked, last_chunk=sent == body)
 
-    def _send_body(self, body: bytes, rate: float) -> None:
+    def _send_body(self, body: bytes, rate: float, chunked: bool = False, last_chunk: bool = True) -> None:
+        step = DRIBBLE_CHUNK if rate > 0 else max(1, len(body))  # dribbling: a slow server, for timeout tests
         try:
-            if rate <= 0:
-                self.wfile.write(body)
-                return
-            for start in range(0, len(body), DRIBBLE_CHUNK):  # a slow server, for download-timeout tests
-                if self.server.stopping.wait(DRIBBLE_CHUNK / rate):
+            for start in range(0, len(body), step):
+                if rate > 0 and self.server.stopping.wait(step / rate):
                     return
-                self.wfile.write(body[start:start + DRIBBLE_CHUNK])
+                piece = body[start:start + step]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                 self.wfile.flush()
+            if chunked and last_chunk:
+                self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout): nothing left to do
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from curation.progress import progress_bar
 from inference.config import ModelConfig
 from inference.flow import RectifiedFlow, pad_text
 from inference.text import TextEncoder
@@ -57,7 +57,8 @@ class MetricsLog:
 
     def __init__(self, run: Path, main: bool, total: int, start: int, progress: bool):
         self.main, self.path = main, Path(run) / "metrics.jsonl"
-        self.bar = tqdm(total=total, initial=start, disable=not (main and progress), unit="step", dynamic_ncols=True)
+        self.bar = progress_bar(total=total, initial=start, disable=not (main and progress), unit="step",
+                                dynamic_ncols=True)
         self.tb = None
         if main:
             try:

@@ -15,16 +15,15 @@ written for other content is not trusted.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
-from PIL import Image
 
 from captioning.schema import ALT_VARIANT, STATUS_OK, latest_captions
+from curation.decode import displayed_size
 from curation.download import tar_index
 from curation.manifest import read_manifest
 from training.buckets import BucketTable
@@ -68,9 +67,7 @@ def read_candidates(data: str | Path, variants: list[str]) -> tuple[pd.DataFrame
 
 def header_size(raw: bytes) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation 5-8 swaps the sides), from the header alone."""
-    with Image.open(io.BytesIO(raw)) as im:
-        w, h = im.size
-        return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+    return displayed_size(raw)
 
 
 def locate_images(data: str | Path, rows: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:

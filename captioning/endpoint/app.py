@@ -10,8 +10,9 @@ Routes (under /v1 a Bearer key is required when api_key is set):
     GET  /_lensforge/stats   GET|POST /_lensforge/faults   POST /_lensforge/reset    (no key needed)
 
 Stats count chat-completion requests only: {"requests", "by_outcome" (ok, 429, 500, timeout, malformed, refusal,
-truncate, empty, 401, and 400/404 for bad requests), "by_key" (X-Lensforge-Key header), "in_flight",
-"in_flight_max"}. Batch lines are not counted there (they are in the batch's request_counts).
+truncate, empty, 401, and 400/404 for bad requests), "by_key" (X-Lensforge-Key header), "answered" and
+"answered_by_key" (requests answered 200, i.e. what a real API bills, counted as the response is handed to aiohttp
+to send), "in_flight", "in_flight_max"}. Batch lines are not counted there (they are in the batch's request_counts).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Stats:
     def clear(self) -> None:
         with self._lock:
             self.requests, self.by_outcome, self.by_key = 0, Counter(), Counter()
+            self.answered, self.answered_by_key = 0, Counter()
             self.in_flight_max = self.in_flight
 
     def begin(self, key: str | None) -> None:
@@ -71,6 +73,12 @@ class Stats:
         with self._lock:
             self.in_flight -= 1
 
+    def answer(self, key: str | None) -> None:
+        with self._lock:
+            self.answered += 1
+            if key:
+                self.answered_by_key[key] += 1
+
     def outcome(self, name: str) -> None:
         with self._lock:
             self.by_outcome[name] += 1
@@ -78,6 +86,7 @@ class Stats:
     def snapshot(self) -> dict:
         with self._lock:
             return {"requests": self.requests, "by_outcome": dict(self.by_outcome), "by_key": dict(self.by_key),
+                    "answered": self.answered, "answered_by_key": dict(self.answered_by_key),
                     "in_flight": self.in_flight, "in_flight_max": self.in_flight_max}
 
 
@@ -126,6 +135,8 @@ async def middleware(request: web.Request, handler) -> web.StreamResponse:
             response = error_response(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         else:
             response = await handler(request)
+            if chat and response.status == 200:
+                state.stats.answer(request.headers.get(KEY_HEADER))
     except RequestError as err:
         if chat:
             state.stats.outcome(str(err.status))

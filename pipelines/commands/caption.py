@@ -3,6 +3,7 @@
 
 Re-captions every kept image of DATA/manifest into DATA/captions/part-*.parquet; rerun the same command to finish
 what is left. The API key is read from the environment variable named by caption.api_key_env (OPENAI_API_KEY).
+SIGTERM / SIGINT stop it cleanly (the requests in flight get caption.drain_s) with exit code 143 / 130.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from captioning.pipeline import caption
-    from captioning.schema import captions_dir
+    from captioning.worker import Stopped
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     cfg = load_section("caption", args.config, args.overrides, base_url=args.base_url, model=args.model,
@@ -53,8 +54,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         caption(args.data, cfg, dry=True)
         return 0
-    save_resolved(cfg, "caption", captions_dir(args.data))
-    caption(args.data, cfg)
+    save_resolved(cfg, "caption", args.data)  # beside config.curate.yaml: DATA/captions holds Parquet parts only
+    try:
+        caption(args.data, cfg)
+    except Stopped as stop:  # every answer is saved and the one-line account printed
+        return stop.exit_code
     report_captions(args.data)
     return 0
 
@@ -62,9 +66,8 @@ def run(args: argparse.Namespace) -> int:
 def run_batch_api(args: argparse.Namespace, cfg) -> int:
     """The Batch API path (captioning/batch.py): online batches, or JSONL files for an offline engine."""
     from captioning import batch
-    from captioning.schema import captions_dir
 
-    save_resolved(cfg, "caption", captions_dir(args.data))
+    save_resolved(cfg, "caption", args.data)  # beside config.curate.yaml: DATA/captions holds Parquet parts only
     if args.batch_offline_dir:
         files = batch.write_batch_input(args.data, cfg, args.batch_offline_dir)
         print(f"caption: {len(files)} request file(s) in {args.batch_offline_dir}; merge the engine's output with "

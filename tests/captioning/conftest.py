@@ -55,6 +55,17 @@ def cap_data(cap_template, tmp_path) -> Path:
     return Path(shutil.copytree(cap_template, tmp_path / "data"))
 
 
+@pytest.fixture(scope="session")
+def cap_large_template(tmp_path_factory) -> Path:
+    """48 images (46 kept): enough work (~90 requests with two variants) to kill a run several times midway."""
+    return build_data(tmp_path_factory.mktemp("cap-large-template"), n=48)
+
+
+@pytest.fixture
+def cap_large_data(cap_large_template, tmp_path) -> Path:
+    return Path(shutil.copytree(cap_large_template, tmp_path / "data"))
+
+
 @pytest.fixture
 def cap_secret() -> str:
     return SECRET

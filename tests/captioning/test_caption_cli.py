@@ -57,7 +57,7 @@ def test_whole_job_then_rerun_sends_nothing(lensforge, cap_endpoint, cap_data, k
     assert rows["prompt_id"].str.match(r"^(dense|short)@[0-9a-f]{8}$").all()
     assert (rows["cost_usd"] > 0).all() and (rows["latency_s"] > 0).all() and rows["created_at"].notna().all()
     assert handle.stats()["requests"] == 2 * len(kept_keys)
-    saved = yaml.safe_load((cap_data / "captions" / "config.caption.yaml").read_text())["caption"]
+    saved = yaml.safe_load((cap_data / "config.caption.yaml").read_text())["caption"]  # not among the parts
     assert saved["model"] == "gpt-4.1-mini" and saved["variants"] == ["dense", "short"]
     out = capsys.readouterr()
     assert "dense: ok 10" in out.out and "words/caption" in out.out and cap_secret not in out.out + out.err

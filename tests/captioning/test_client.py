@@ -7,7 +7,8 @@ import time
 import openai
 import pytest
 
-from captioning.client import AuthError, ModelNotFound, RateController, Sender, make_client, resolve_api_key
+from captioning.client import (AuthError, ModelNotFound, NotSent, RateController, Sender, make_client,
+                               resolve_api_key)
 from captioning.config import CaptionConfig
 from captioning.pipeline import caption
 from captioning.schema import read_captions
@@ -81,6 +82,33 @@ def test_5xx_and_timeouts_retried_with_backoff(cap_endpoint, cap_data):
     cfg3 = cfg.model_copy(update={"max_attempts": 3})
     (answer,), _, _ = send_all(cfg3, body, ["k2"])
     assert answer.body is None and answer.error.startswith("gave up after 3 attempts: 500")
+
+
+def test_stop_sends_nothing_more_and_cuts_backoffs_short(cap_endpoint, cap_data):
+    handle, base_url = cap_endpoint
+    cfg = CaptionConfig(base_url=base_url, model="gpt-4.1-mini")
+    body = image_body(cfg, cap_data)
+    handle.set_faults(script=["500"])
+
+    async def main():
+        client = make_client(cfg, resolve_api_key(cfg))
+        async with client:
+            sender = Sender(client, cfg)
+            sender.backoff = lambda attempt: 30.0  # not the jittered draw, which may be ~0
+            retrying = asyncio.create_task(sender.send(body, "k1"))
+            while not handle.stats()["requests"]:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # the 500 came back: now in a backoff of up to 30 s
+            started = time.monotonic()
+            sender.stop()
+            answer = await retrying
+            with pytest.raises(NotSent):
+                await sender.send(body, "k2")
+            return answer, time.monotonic() - started
+
+    answer, waited = asyncio.run(main())
+    assert answer.body is None and answer.error.startswith("stopped before retrying: 500") and waited < 1
+    assert handle.stats()["requests"] == 1  # neither the retry nor the new request went out
 
 
 def test_401_and_unknown_model_are_fatal_with_a_clear_message(cap_endpoint, cap_data, monkeypatch, cap_secret):

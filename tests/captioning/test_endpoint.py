@@ -226,7 +226,7 @@ def test_client_retries_through_scripted_429s(ep, urls):
     ep[0].set_faults(script=["429", "429", "ok"], retry_after_s=0.05)
     client = OpenAI(base_url=ep[1], api_key=KEY, max_retries=2)
     assert ask(client, urls[0], "one sentence").choices[0].message.content == describe(SCENES[0], "short")
-    assert ep[0].stats()["by_outcome"] == {"429": 2, "ok": 1}
+    assert ep[0].stats()["by_outcome"] == {"429": 2, "ok": 1} and ep[0].stats()["answered"] == 1  # 429s bill nothing
 
 
 def test_fault_routes_and_seeded_rates(ep):
@@ -249,6 +249,7 @@ def test_stats_count_requests_by_key(ep, client, urls):
     ask(client, urls[0], "one sentence")
     stats = control(ep[1], "/_lensforge/stats")
     assert stats["requests"] == 4 and stats["by_key"] == {"k1": 2, "k2": 1} and stats["by_outcome"] == {"ok": 4}
+    assert stats["answered"] == 4 and stats["answered_by_key"] == {"k1": 2, "k2": 1}  # 200s: what would be billed
 
 
 # --- Batch API ----------------------------------------------------------------------------------------------------

@@ -182,6 +182,37 @@ def test_rerun_of_a_finished_run_changes_nothing(world, manifest):
     pd.testing.assert_frame_equal(read_manifest(world["data"]).to_pandas(), manifest)
 
 
+def test_a_deleted_or_cut_filtered_part_is_filtered_again_not_trusted_to_its_marker(world, manifest, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    parts = sorted((data / "filtered").glob("*.parquet"))
+    parts[0].unlink()  # the obvious remedy for a part that reads wrong
+    parts[1].write_bytes(parts[1].read_bytes()[:100])  # a truncated one
+    out = finish(run_curate(world["urls"], data, world["config"]))
+    assert "filtering that shard again" in out
+    pd.testing.assert_frame_equal(read_manifest(data).to_pandas(), manifest)
+
+
+def test_parquet_folders_read_with_pandas_pyarrow_and_ray_data(world, manifest):
+    import pyarrow.dataset as ds
+    import ray
+
+    from curation.ray_runtime import init_ray
+
+    filtered, folder = world["data"] / "filtered", world["data"] / "manifest"
+    assert len(pd.read_parquet(folder)) == len(manifest) == ds.dataset(folder).count_rows()
+    rows = len(pd.read_parquet(filtered))
+    assert rows == ds.dataset(filtered).count_rows() > 0  # one row per downloaded URL; the markers are skipped
+    init_ray()
+    try:
+        assert ray.data.read_parquet(str(folder)).count() == len(manifest)
+        assert ray.data.read_parquet(str(filtered)).count() == rows
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

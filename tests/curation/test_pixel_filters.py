@@ -106,3 +106,20 @@ def test_truncated_and_garbage_are_undecodable(shapes, to_bytes):
         decode(b"<html>not an image</html>", BIG)
     with pytest.raises(ValueError, match="^undecodable: "):
         decode(b"", BIG)
+
+
+def test_16bit_gray_photo_passes_the_filters(shapes, to_bytes):
+    """A 16-bit grayscale PNG (mode I;16) is an ordinary photo: Pillow's convert("RGB") clips it to all white, which
+    the blur check rejected. Decoded by its high byte it passes the real web defaults like its 8-bit self."""
+    gray8 = np.asarray(shapes(4, (480, 400)).convert("L"))  # (400, 480) uint8
+    low = np.random.default_rng(0).integers(0, 256, gray8.shape)  # the extra 8 bits: must not change the picture
+    data = to_bytes(Image.fromarray((gray8.astype(np.uint16) << 8) | low.astype(np.uint16)), "PNG")
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "I;16"
+        clipped = np.asarray(im.convert("RGB"))
+    assert pixel_reason(480, 400, pixel_scores(clipped), CurateConfig()) == "blur"  # the old decode's verdict
+    img = decode(data, BIG)
+    assert (img == gray8[..., None]).all()
+    assert pixel_scores(img)["blur"] >= CurateConfig().min_blur
+    assert reason_of(Image.fromarray(gray8), to_bytes) is None  # same verdict as the 8-bit picture
+    assert pixel_reason(img.shape[1], img.shape[0], pixel_scores(img), CurateConfig()) is None

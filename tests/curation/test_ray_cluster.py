@@ -5,7 +5,6 @@ machine's network address in cluster mode, and this test must not leave loopback
 metadata probe (run by its dashboard process) at a closed loopback port.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from curation.manifest import read_manifest
 from curation.ray_runtime import LOOPBACK_ONLY_ENV, QUIET_ENV
+from curation.shard_filter import read_markers
 from scenes import render_dataset, start_server
 from scenes.config import ScenesConfig
 
@@ -49,7 +49,7 @@ def test_curate_runs_on_both_nodes_of_a_cluster(tmp_path):
         server.shutdown()
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
 
-        nodes = {json.loads(p.read_text())["node_id"] for p in (data / "filtered").glob("*.json")}
+        nodes = {m["node_id"] for m in read_markers(data / "filtered")}
         assert len(nodes) == 2, f"filter shards ran on {len(nodes)} node(s)"
         assert len(read_manifest(data)) == 80
     finally:

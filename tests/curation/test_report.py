@@ -3,6 +3,7 @@ synthetic manifest whose images lie in two tiny webdataset-style tars."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -134,6 +135,9 @@ def test_html_helpers_are_self_contained(tmp_path):
     assert 'width="64" height="21"' in thumb and "data:image/png" in thumb and "&lt;key&gt;" in thumb
     assert rgba.size == (300, 100)  # the caller's image is untouched
     assert "data:image/jpeg" in image_tag(Image.new("RGB", (10, 10)))
+    i16 = image_tag(Image.fromarray(np.full((10, 10), 0x4000, np.uint16)))  # 16-bit gray: scaled, not clipped white
+    thumb16 = Image.open(io.BytesIO(base64.b64decode(re.search(r"base64,([^\"]+)", i16).group(1))))
+    assert abs(int(np.asarray(thumb16.convert("L")).mean()) - 0x40) <= 2
     table = table_html(pd.DataFrame({"a": [1, 2], "b": ["<x>", None]}))
     assert "&lt;x&gt;" in table and table.count("<tr>") == 3 and '<td class="num">2</td>' in table
     assert "<b>raw</b>" in table_html([{"h": "<b>raw</b>"}], html_columns=["h"])
