@@ -9,9 +9,10 @@ to JSONL files within the API's limits (`cfg.batch`: 50,000 lines, ~200 MB), eac
 run as one batch; at most `max_in_flight` batches run at once (OpenAI also caps the tokens enqueued per model).
 Finished batches are merged into DATA/captions/part-batch-<batch id>.parquet through `request.parse_response` at
 batch prices. Requests that got no answer (expired, cancelled, failed batch, 5xx lines) are resubmitted until
-their `max_attempts`-th submission, and only then get error rows; answers that failed a check (rows written, they
-were paid for) are re-asked while the request's attempt number ≤ `cfg.retry_failed_checks`, as online. A batch
-refused for the enqueued-token limit while others run is resubmitted once room is free, with fewer at once.
+their `max_attempts`-th submission (`run_batch`'s MAX_ATTEMPTS, not caption.max_attempts), and only then get
+error rows; answers that failed a check (rows written, they were paid for) are re-asked while the request's
+attempt number ≤ `cfg.retry_failed_checks`, as online. A batch refused for the enqueued-token limit while others
+run is resubmitted once room is free, with fewer at once.
 With `max_cost_usd`, every request reserves its worst-case cost before it is written to a file; the run stops
 submitting when the budget cannot cover the next one (batches already running are paid for and merged).
 

@@ -1,7 +1,7 @@
 """Typed configuration of `lensforge caption` (the `caption:` section of a lensforge YAML file).
 
-The resolved section is saved as DATA/captions/config.caption.yaml. It never holds an API key: only the *name* of
-the environment variable that does (`api_key_env`).
+The resolved section is saved as DATA/config.caption.yaml (beside DATA/captions, which holds Parquet parts only).
+It never holds an API key: only the *name* of the environment variable that does (`api_key_env`).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ job's log), where a bar's carriage-return redraws pile up into one endless line.
         bar.update(1)
     # not a terminal:  filter: 12/40 (30 %), 0.41 shard/s, ETA 01:08, $0.0123 …   every LENSFORGE_PROGRESS_S s
 
-Every lensforge stage makes its bars here. The plain line is tqdm's own meter without the bar (the same counts,
-rates and postfix), written with a newline, at most every `LENSFORGE_PROGRESS_S` seconds (default 30) and once
-when the bar closes.
+The bars of download, filter, dedup, captioning and training are made here. The plain line is tqdm's own meter
+without the bar (the same counts, rates and postfix), written with a newline, at most every `LENSFORGE_PROGRESS_S`
+seconds (default 30) and once when the bar closes.
 """
 
 from __future__ import annotations
