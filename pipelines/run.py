@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from curation.data_lock import data_lock
 from pipelines.config import load_section, read_yaml, save_resolved
 from pipelines.run_config import STAGES, RunConfig
 from pipelines.stage_cache import file_digest, is_done, mark_done, read_marker, stage_key
@@ -98,24 +99,25 @@ def run_pipeline(config: str | None, overrides: list[str] | None = None, out: st
     forced = start  # --from STAGE reruns that stage even when it is marked done
     ray_started = False
     print(f"run: stages {' → '.join(stages)}; data {plan.data}, run {plan.train_dir}")
-    for stage in stages:
-        key = plan.keys[stage]
-        if stage != forced and is_done(plan.data, stage, key):
-            print(f"run: {stage}: up to date (key {key}), skipped")
-            continue
-        previous = read_marker(plan.data, stage)
-        why = "config changed" if previous else "not finished"
-        print(f"run: {stage}: starting ({'--from' if stage == forced else why}; key {key})", flush=True)
-        if stage in DATA_STAGES and not ray_started and stage != "caption":
-            start_ray(plan)
-            ray_started = True
-        if stage == "train" and ray_started:
-            stop_ray()
-            ray_started = False
-        began = time.time()
-        summary = RUNNERS[stage](plan, services)
-        mark_done(plan.data, stage, key, summary, time.time() - began)
-        print(f"run: {stage}: done in {time.time() - began:.0f} s", flush=True)
+    with data_lock(plan.data, "run"):  # one writer per DATA; its stages lock it again (reentrant)
+        for stage in stages:
+            key = plan.keys[stage]
+            if stage != forced and is_done(plan.data, stage, key):
+                print(f"run: {stage}: up to date (key {key}), skipped")
+                continue
+            previous = read_marker(plan.data, stage)
+            why = "config changed" if previous else "not finished"
+            print(f"run: {stage}: starting ({'--from' if stage == forced else why}; key {key})", flush=True)
+            if stage in DATA_STAGES and not ray_started and stage != "caption":
+                start_ray(plan)
+                ray_started = True
+            if stage == "train" and ray_started:
+                stop_ray()
+                ray_started = False
+            began = time.time()
+            summary = RUNNERS[stage](plan, services)
+            mark_done(plan.data, stage, key, summary, time.time() - began)
+            print(f"run: {stage}: done in {time.time() - began:.0f} s", flush=True)
     if ray_started:
         stop_ray()
     return plan

@@ -20,10 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from curation.data_lock import data_lock
     from curation.pipeline import curate
 
     allow = [h.strip() for h in args.allow_hosts.split(",") if h.strip()] if args.allow_hosts else None
     cfg = load_section("curate", args.config, args.overrides, allow_hosts=allow)
-    save_resolved(cfg, "curate", args.out)
-    curate(args.urls, args.out, cfg, ray_address=args.ray_address)
+    with data_lock(args.out, "curate"):
+        save_resolved(cfg, "curate", args.out)
+        curate(args.urls, args.out, cfg, ray_address=args.ray_address)
     return 0

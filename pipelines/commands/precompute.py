@@ -24,10 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from curation.data_lock import data_lock
     from training.precompute import precompute
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     cfg = load_section("precompute", args.config, args.overrides, codec=args.codec,
                        text_encoder=args.text_encoder, variants=variants)
-    precompute(args.data, cfg, ray_address=args.ray_address)
+    with data_lock(args.data, "precompute"):
+        precompute(args.data, cfg, ray_address=args.ray_address)
     return 0

@@ -41,10 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_section("train", args.config, args.overrides, preset=args.preset, max_steps=args.max_steps,
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every, init_from=args.init_from)
+    import contextlib
+    import os
+
+    from curation.data_lock import data_lock
     from training.trainer import TrainingStopped, train
 
+    # one run writes RUN: rank 0 holds the lock (torchrun's other ranks share the run with it)
+    lock = data_lock(args.out, "train") if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
     try:
-        result = train(cfg, args.data, args.out, resume=args.resume)
+        with lock:
+            result = train(cfg, args.data, args.out, resume=args.resume)
     except TrainingStopped as err:
         print(f"lensforge: {err}", file=sys.stderr)
         return 3
