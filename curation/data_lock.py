@@ -37,6 +37,7 @@ def data_lock(folder: str | Path, stage: str):
         finally:
             _held[folder] -= 1
         return
+    created = not folder.exists()  # a refused or failed stage leaves no folder it made only for its lock
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -59,6 +60,9 @@ def data_lock(folder: str | Path, stage: str):
         finally:
             del _held[folder]
             os.ftruncate(fd, 0)  # a clean exit leaves no owner behind
+            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                path.unlink()
+                folder.rmdir()
     finally:
         os.close(fd)  # closing drops the flock
 

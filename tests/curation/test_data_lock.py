@@ -58,3 +58,9 @@ def test_nested_locks_in_one_process_and_release(tmp_path):
     done = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(60)", "pass"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and time.monotonic() - started < 60  # released: another process takes it
+
+
+def test_a_folder_made_only_for_the_lock_is_removed_with_it(tmp_path):
+    with data_lock(tmp_path / "run", "train"):
+        assert (tmp_path / "run" / LOCK_FILE).is_file()
+    assert not (tmp_path / "run").exists()
