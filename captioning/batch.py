@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -41,9 +39,10 @@ from captioning.config import CaptionConfig
 from captioning.ledger import Ledger, price_for, prior_spend
 from captioning.pipeline import pending_work, replay_journals
 from captioning.presets import Preset, resolve_variants
-from captioning.request import variant_groups
+from captioning.request import request_model, variant_groups
 from captioning.schema import captions_dir
 from captioning.schema import write_part as write_rows
+from curation.atomic import write_json
 from curation.progress import progress_bar
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -58,20 +57,6 @@ STATE_VERSION = 1
 
 def batches_dir(data: str | Path) -> Path:
     return captions_dir(data) / "_batches"
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class BatchState:
@@ -89,8 +74,8 @@ class BatchState:
         self.offline: dict[str, list[str]] = raw.get("offline", {})
 
     def save(self) -> None:
-        _write_json_atomic(self.path, {"version": STATE_VERSION, "batches": self.batches,
-                                       "submitting": self.submitting, "offline": self.offline})
+        write_json(self.path, {"version": STATE_VERSION, "batches": self.batches, "submitting": self.submitting,
+                               "offline": self.offline}, fsync=True)  # batch ids: money
 
     def log_finished(self, record: dict) -> None:
         with open(self.path.with_name("finished.jsonl"), "a") as f:
@@ -113,7 +98,8 @@ def write_part(data: str | Path, name: str, rows: list[dict]) -> Path | None:
     return write_rows(captions_dir(data) / f"part-{name}.parquet", rows)
 
 
-def pending_items(data: Path, presets: dict[str, Preset], state: BatchState) -> tuple[dict[str, dict], list[dict]]:
+def pending_items(data: Path, presets: dict[str, Preset], state: BatchState,
+                  model: str) -> tuple[dict[str, dict], list[dict]]:
     """({key: pending-work item}, the items to request now): pending work minus the variants that batches in
     flight already ask for; each with `attempt` 1. (Files written for an offline engine do not count: they may
     never come back.)"""
@@ -122,7 +108,7 @@ def pending_items(data: Path, presets: dict[str, Preset], state: BatchState) -> 
         for cid, variants in entry["requests"].items():
             busy.setdefault(parse_custom_id(cid)[0], set()).update(variants)
     items, queue = {}, []
-    for item in pending_work(data, presets):
+    for item in pending_work(data, presets, model):
         items[item["key"]] = item
         variants = [v for v in item["variants"] if v not in busy.get(item["key"], ())]
         if variants:
@@ -156,7 +142,7 @@ class BatchRun:
 
     def plan(self) -> None:
         """Pending work minus what the batches in flight already ask for."""
-        self.items, queue = pending_items(self.data, self.presets, self.state)
+        self.items, queue = pending_items(self.data, self.presets, self.state, request_model(self.cfg))
         self.queue.extend(queue)
         self.bar.total = (sum(len(e["requests"]) for e in self.state.batches.values())
                           + sum(self._n_requests(item["variants"]) for item in queue))
@@ -382,7 +368,7 @@ def write_batch_input(data: str | Path, cfg: CaptionConfig, out_dir: str | Path,
     data, out_dir = Path(data), Path(out_dir)
     presets = resolve_variants(cfg.variants, cfg.prompt_file)
     state = BatchState(data)
-    _, queue = pending_items(data, presets, state)
+    _, queue = pending_items(data, presets, state, request_model(cfg))
     writer = InputWriter(out_dir, "batch", max_requests or cfg.batch.max_requests_per_file,
                          max_bytes or int(cfg.batch.max_file_mb * MB))
     image_errors: list[dict] = []

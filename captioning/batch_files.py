@@ -18,7 +18,6 @@ sending again. Used by captioning/batch.py (online) and by `write_batch_input` /
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from captioning.ledger import reservation_usd
 from captioning.presets import Preset
 from captioning.request import build_request, error_rows, parse_response, variant_groups
 from captioning.schema import STATUS_OK
+from curation.atomic import publish
 
 ENDPOINT = "/v1/chat/completions"
 JSON_TAG = "json"
@@ -134,7 +134,7 @@ class InputWriter:
         done, self.current = self.current, None
         if done is not None:
             self._file.close()
-            os.replace(done.path.with_name(done.path.name + ".tmp"), done.path)
+            publish(done.path.with_name(done.path.name + ".tmp"), done.path)
         return done
 
 

@@ -7,12 +7,33 @@ It never holds an API key: only the *name* of the environment variable that does
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def check_base_url(url: str) -> str:
+    """`url` if it can be asked at all: http(s), a host, a port in 1..65535 if any, no white space. Checked when the
+    config is built, so `--base-url htp://…` or a port like 186311 is one line at start-up, not a run of retries."""
+    if any(c.isspace() for c in url):
+        raise ValueError(f"base URL {url!r}: contains white space")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        got = f"not {parts.scheme!r}" if parts.scheme and parts.netloc else f"none given: http://{url}?"
+        raise ValueError(f"base URL {url!r}: the scheme must be http:// or https:// ({got})")
+    if not parts.hostname:
+        raise ValueError(f"base URL {url!r}: no host")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"base URL {url!r}: the port must be a number from 1 to 65535")
+    return url
 
 
 class Price(_Strict):
@@ -28,6 +49,8 @@ class AzureConfig(_Strict):
     endpoint: str = Field(description="https://<resource>.openai.azure.com")
     api_version: str = "2024-10-21"
     deployment: str
+
+    _valid_endpoint = field_validator("endpoint")(check_base_url)
 
 
 class BatchConfig(_Strict):
@@ -84,6 +107,11 @@ class CaptionConfig(_Strict):
     flush_s: float = Field(5.0, gt=0, description="compact the journal into a Parquet part at least this often")
     drain_s: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT: seconds to wait for the requests in flight "
                                                    "before abandoning them (a second signal abandons at once)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_base_url(cls, value: str | None) -> str | None:
+        return value if value is None else check_base_url(value)
 
     @field_validator("variants")
     @classmethod

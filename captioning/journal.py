@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from captioning.schema import CAPTION_COLUMNS, captions_dir, write_part
+from captioning.schema import CAPTION_COLUMNS, LATER_COLUMNS, captions_dir, write_part
 
 FSYNC_S = 1.0
 META_SEGMENT = b"lensforge.journal.segment"  # part metadata: the segment it was compacted from
@@ -54,7 +54,7 @@ def journal_dir(data: str | Path) -> Path:
 
 def encode(seq: int, row: dict) -> bytes:
     created = row["created_at"]
-    line = {"seq": seq, **{c: row[c] for c in CAPTION_COLUMNS},
+    line = {"seq": seq, **{c: row.get(c) if c in LATER_COLUMNS else row[c] for c in CAPTION_COLUMNS},
             "created_at": created.isoformat() if created is not None else None}
     return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
@@ -63,7 +63,7 @@ def decode(line: bytes) -> tuple[int, dict] | None:
     """(seq, row) of one journal line; None when it is not one of ours (damaged)."""
     try:
         obj = json.loads(line)
-        seq, row = obj["seq"], {c: obj[c] for c in CAPTION_COLUMNS}
+        seq, row = obj["seq"], {c: obj.get(c) if c in LATER_COLUMNS else obj[c] for c in CAPTION_COLUMNS}
         if row["created_at"] is not None:
             row["created_at"] = datetime.fromisoformat(row["created_at"])
     except (ValueError, KeyError, TypeError):

@@ -2,8 +2,9 @@
 
     lensforge caption --data data --base-url http://127.0.0.1:8001/v1 --model gpt-4.1-mini --variants dense,short
 
-Resumable by construction: a (key, variant) already `ok` in DATA/captions/part-*.parquet is never requested again;
-errors and refusals are asked again on the next run. Every answer is journaled the moment it arrives
+Resumable by construction: a (key, variant) already `ok` in DATA/captions/part-*.parquet for this model and
+prompt_id is never requested again (another model or prompt version captions anew, beside the old rows); errors
+and refusals are asked again on the next run. Every answer is journaled the moment it arrives
 (captioning/journal.py) and compacted into Parquet parts every `flush_rows` rows or `flush_s` seconds, so a kill
 loses only the requests in flight; a rerun first replays what journals hold. SIGTERM / SIGINT stop cleanly: no new
 request, up to `drain_s` for those in flight, then exit 143 / 130 with a one-line account (captioning/worker.py).
@@ -31,8 +32,8 @@ from captioning.config import CaptionConfig
 from captioning.journal import replay
 from captioning.ledger import LocalBudget, price_for, prior_spend
 from captioning.presets import Preset, resolve_variants
-from captioning.request import build_request, variant_groups
-from captioning.schema import STATUS_OK, captions_dir, read_captions
+from captioning.request import build_request, request_model, variant_groups
+from captioning.schema import SOURCE_COLUMNS, STATUS_OK, captions_dir, read_captions
 from captioning.worker import Stats, Stopped, Worker, read_images, run_with_signals
 from curation.manifest import read_manifest
 from curation.progress import progress_bar
@@ -40,15 +41,17 @@ from curation.progress import progress_bar
 MANIFEST_COLUMNS = ["key", "alt_text", "shard", "member", "keep"]
 
 
-def pending_work(data: str | Path, presets: dict[str, Preset]) -> list[dict]:
-    """Kept manifest rows with the variants not yet `ok`: {key, alt_text, shard, member, variants}, in key order.
-    Journals left by an interrupted run are replayed into parts first: their rows count as done."""
+def pending_work(data: str | Path, presets: dict[str, Preset], model: str) -> list[dict]:
+    """Kept manifest rows with the variants not yet `ok` for this captioner `model` and each preset's prompt_id
+    (a new model or prompt captions anew; the old rows stay): {key, alt_text, shard, member, variants}, in key
+    order. Journals left by an interrupted run are replayed into parts first: their rows count as done."""
     kept = read_manifest(data, columns=MANIFEST_COLUMNS)
     replay_journals(data)
     kept = kept.filter(pc.fill_null(kept["keep"], False)).sort_by("key").to_pandas()
-    done = read_captions(data, columns=["key", "variant", "status"]).to_pandas()
-    done = done[done["status"] == STATUS_OK]
-    todo = {v: ~kept["key"].isin(done.loc[done["variant"] == v, "key"]) for v in presets}
+    done = read_captions(data, columns=["key", "variant", "status", *SOURCE_COLUMNS]).to_pandas()
+    done = done[(done["status"] == STATUS_OK) & (done["model"] == model)]
+    todo = {v: ~kept["key"].isin(done.loc[(done["variant"] == v) & (done["prompt_id"] == p.prompt_id), "key"])
+            for v, p in presets.items()}
     items = []
     for i, row in enumerate(kept.itertuples(index=False)):
         variants = [v for v in presets if todo[v].iat[i]]
@@ -143,7 +146,7 @@ def format_summary(stats: dict, pending_pairs: int, cfg: CaptionConfig) -> str:
 def caption(data: str | Path, cfg: CaptionConfig, dry: bool = False) -> dict:
     """Caption every pending (kept key, variant); returns this run's stats (or the dry-run estimate)."""
     presets = resolve_variants(cfg.variants, cfg.prompt_file)
-    items = pending_work(data, presets)
+    items = pending_work(data, presets, request_model(cfg))
     pairs = sum(len(i["variants"]) for i in items)
     if dry:
         est = dry_run(data, cfg, presets, items)

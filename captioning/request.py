@@ -101,16 +101,20 @@ def _as_presets(variants: Sequence[str | Preset], cfg: CaptionConfig) -> list[Pr
     return [v if isinstance(v, Preset) else registry[v] for v in variants]
 
 
-def _row(key, preset: Preset, model, text, status, error, prompt_tokens, completion_tokens, cost) -> dict:
-    return {"key": key, "variant": preset.name, "text": text, "model": model, "prompt_id": preset.prompt_id,
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "cost_usd": cost,
-            "latency_s": None, "status": status, "error": error, "created_at": datetime.now(timezone.utc)}
+def _row(key, preset: Preset, cfg: CaptionConfig, text, status, error, prompt_tokens, completion_tokens, cost,
+         served: str | None = None) -> dict:
+    """A caption row (captioning/schema.py): `model` is the captioner as configured, which pending work keys on;
+    `served_model` what the response named."""
+    return {"key": key, "variant": preset.name, "text": text, "model": request_model(cfg),
+            "prompt_id": preset.prompt_id, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "cost_usd": cost, "latency_s": None, "status": status, "error": error,
+            "created_at": datetime.now(timezone.utc), "served_model": served}
 
 
 def error_rows(key: str | None, variants: Sequence[str | Preset], cfg: CaptionConfig, message: str,
                status: str = STATUS_ERROR) -> list[dict]:
     """Rows for a request that got no usable answer (transport failure, unreadable image): nothing billed."""
-    return [_row(key, p, cfg.model, None, status, message, 0, 0, 0.0) for p in _as_presets(variants, cfg)]
+    return [_row(key, p, cfg, None, status, message, 0, 0, 0.0) for p in _as_presets(variants, cfg)]
 
 
 def _split(total: int, weights: list[int]) -> list[int]:
@@ -149,8 +153,8 @@ def parse_response(body: dict, variants: Sequence[str | Preset], cfg: CaptionCon
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     except (KeyError, IndexError, TypeError, ValueError) as err:
         return error_rows(key, presets, cfg, f"malformed response: {type(err).__name__}: {err}"[:300])
-    model = body.get("model") or cfg.model
-    price = price_for(cfg.model or model or "", cfg, batch=batch)
+    served = body.get("model")
+    price = price_for(cfg.model or served or "", cfg, batch=batch)
     if len(presets) == 1:
         answers = {presets[0].name: (message.get("content"), None)}
     else:
@@ -162,6 +166,6 @@ def parse_response(body: dict, variants: Sequence[str | Preset], cfg: CaptionCon
         problem = answers[p.name][1]
         status, reason = (STATUS_ERROR, problem) if problem else check_caption(
             text, finish, p, cfg.language, cfg.word_ranges, refusal=message.get("refusal"))
-        rows.append(_row(key, p, model, text.strip() if reason is None else None, status, reason, pt, ct,
-                         cost_usd(price, pt, ct)))
+        rows.append(_row(key, p, cfg, text.strip() if reason is None else None, status, reason, pt, ct,
+                         cost_usd(price, pt, ct), served))
     return rows

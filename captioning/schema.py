@@ -1,18 +1,23 @@
-"""The captions table: DATA/captions/part-*.parquet, long format, one row per (key, variant).
+"""The captions table: DATA/captions/part-*.parquet, long format, one row per attempt at (key, variant).
 
-This module owns the schema (ARCHITECTURE.md, "Captions") and how a part is written; precompute and training import
-it from here. A key already `ok` for a variant is never requested again. Only `part-*.parquet` files are the table:
+This module owns the schema (ARCHITECTURE.md, "Captions"), how a part is written and which captions a stage reads;
+precompute and training import it from here. A caption is identified by (key, variant, model, prompt_id): `model`
+is the captioner as configured (`caption.model`, or the Azure deployment), `served_model` what the endpoint said
+answered (e.g. a dated snapshot), `prompt_id` the preset's name and version hash. A (key, variant) already `ok`
+for the configured model and prompt is never requested again; a new model or prompt captions anew, beside the old
+rows, and `choose_sources` says which captions a stage reads. Only `part-*.parquet` files are the table:
 sidecar folders beside them start with `_` (`_journal/`, `_batches/`), which pyarrow datasets and pandas skip, and
 hold no .parquet files, which Ray Data's read_parquet skips by extension.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from curation.atomic import atomic_path
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -27,7 +32,7 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("key", pa.string(), nullable=False),  # the manifest key
         pa.field("variant", pa.string(), nullable=False),  # prompt preset name: dense, medium, short, tags, ...
         pa.field("text", pa.string()),  # null unless status ok
-        pa.field("model", pa.string()),
+        pa.field("model", pa.string()),  # the captioner as configured: what pending work and stages key on
         pa.field("prompt_id", pa.string()),  # "<preset>@<version hash>"
         pa.field("prompt_tokens", pa.int64()),
         pa.field("completion_tokens", pa.int64()),
@@ -36,9 +41,11 @@ CAPTIONS_SCHEMA = pa.schema(
         pa.field("status", pa.string()),
         pa.field("error", pa.string()),  # why, when status is error or refused
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        pa.field("served_model", pa.string()),  # the response's `model` (null in parts written before it existed)
     ]
 )
 CAPTION_COLUMNS = tuple(CAPTIONS_SCHEMA.names)
+LATER_COLUMNS = ("served_model",)  # added since the first parts and journals were written: may be missing there
 
 
 def captions_dir(data: str | Path) -> Path:
@@ -52,18 +59,8 @@ def write_part(path: Path, rows: list[dict], metadata: dict[bytes, bytes] | None
     table = pa.Table.from_pylist(rows, schema=CAPTIONS_SCHEMA)
     if metadata:
         table = table.replace_schema_metadata(metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself is durable only once the folder is synced
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_path(path, fsync=True) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -72,18 +69,65 @@ def read_captions(data: str | Path, columns: list[str] | None = None) -> pa.Tabl
     parts = sorted(captions_dir(data).glob("part-*.parquet"))
     if not parts:
         return CAPTIONS_SCHEMA.empty_table() if columns is None else CAPTIONS_SCHEMA.empty_table().select(columns)
-    return pa.concat_tables(pq.read_table(p, columns=columns, schema=CAPTIONS_SCHEMA if columns is None else None)
-                            for p in parts)
+    # The schema fills columns an older part lacks (served_model) with nulls.
+    return pa.concat_tables(pq.read_table(p, columns=columns, schema=CAPTIONS_SCHEMA) for p in parts)
 
 
-def latest_captions(data: str | Path) -> pa.Table:
-    """One row per (key, variant): the ok row if any attempt succeeded, else the latest attempt."""
+SOURCE_COLUMNS = ["model", "prompt_id"]  # with (key, variant): what identifies a caption
+
+
+def latest_captions(data: str | Path, sources: dict[str, tuple[str, str | None]] | None = None) -> pa.Table:
+    """One row per (key, variant, model, prompt_id): the ok row if any attempt succeeded, else the latest attempt.
+    `sources` ({variant: (model, prompt_id)}, from `choose_sources`): only those captions, one row per (key,
+    variant)."""
     import pandas as pd
 
     df = read_captions(data).to_pandas()
+    if sources is not None:
+        pick = pd.Series(False, index=df.index)
+        for variant, (model, prompt_id) in sources.items():
+            pick |= (df["variant"] == variant) & (df["model"] == model) & (df["prompt_id"] == prompt_id)
+        df = df[pick]
     if df.empty:
         return CAPTIONS_SCHEMA.empty_table()
     df["_ok"] = df["status"] == STATUS_OK
-    df = df.sort_values(["key", "variant", "_ok", "created_at"]).groupby(["key", "variant"], sort=True).tail(1)
-    return pa.Table.from_pandas(df.drop(columns="_ok").sort_values(["key", "variant"]), schema=CAPTIONS_SCHEMA,
+    group = ["key", "variant", *SOURCE_COLUMNS]
+    df = df.sort_values([*group, "_ok", "created_at"]).groupby(group, sort=True, dropna=False).tail(1)
+    return pa.Table.from_pandas(df.drop(columns="_ok").sort_values(group), schema=CAPTIONS_SCHEMA,
                                 preserve_index=False)
+
+
+def choose_sources(data: str | Path, variants: list[str], model: str | None = None,
+                   prompt_ids: dict[str, str] | None = None) -> dict[str, tuple[str, str | None]]:
+    """{variant: (model, prompt_id)}: whose captions of each variant a stage reads. `model` and `prompt_ids`
+    ({variant: prompt_id}) as configured; where not, the only one among DATA's ok captions, or for the prompt the
+    built-in preset's current version when it is among several. A variant with no ok caption (by `model`) maps to
+    `model` and the preset's prompt, so its keys are skipped as not captioned. ValueError naming the candidates
+    when several fit and none is configured."""
+    from captioning.presets import PRESETS
+
+    ok = read_captions(data, columns=["variant", "status", *SOURCE_COLUMNS]).to_pandas()
+    ok = ok[ok["status"] == STATUS_OK]
+    out: dict[str, tuple[str, str | None]] = {}
+    for variant in variants:
+        rows = ok[ok["variant"] == variant]
+        models = rows["model"].value_counts()
+        if model is None and len(models) > 1:
+            raise ValueError(f"{variant!r} captions come from several captioners ({_counts(models)}): name one "
+                             "with precompute.caption_model (--caption-model)")
+        chosen = model if model is not None else (str(models.index[0]) if len(models) else None)
+        current = PRESETS[variant].prompt_id if variant in PRESETS else None
+        prompts = rows.loc[rows["model"] == chosen, "prompt_id"].value_counts()
+        prompt = (prompt_ids or {}).get(variant)
+        if prompt is None and len(prompts) > 1 and current not in prompts.index:
+            raise ValueError(f"{variant!r} captions by {chosen} come from several prompts ({_counts(prompts)}): "
+                             "name one with precompute.caption_prompts")
+        if prompt is None:
+            prompt = str(prompts.index[0]) if len(prompts) == 1 else current
+        if chosen is not None:
+            out[variant] = (chosen, prompt)
+    return out
+
+
+def _counts(values) -> str:
+    return ", ".join(f"{name}: {n:,}" for name, n in values.items())

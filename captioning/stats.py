@@ -5,7 +5,9 @@
     write_captions_report("data")          # -> data/reports/captions.html
 
 Statistics are taken over the latest attempt per (key, variant) (`schema.latest_captions`: the ok row when any
-attempt succeeded), except cost, which sums every attempt: a failed or refused request is still paid for.
+attempt succeeded), except cost, which sums every attempt: a failed or refused request is still paid for. A variant
+captioned by several models or prompt versions is reported once per source, as `dense (model, prompt_id)`, so a
+comparison of captioners never mixes them.
 
 Words per caption are counted as the caption checks count them (`checks.words`: whitespace-separated), so the
 histograms line up with the presets' word ranges; vocabulary and nouns use a regex tokenizer (letters/digits,
@@ -30,7 +32,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from captioning.checks import words as word_count
-from captioning.schema import STATUS_ERROR, STATUS_OK, STATUS_REFUSED, latest_captions, read_captions
+from captioning.schema import (
+    SOURCE_COLUMNS,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_REFUSED,
+    latest_captions,
+    read_captions,
+)
 from curation.html import figure_tag, new_figure, table_html, write_page
 from curation.manifest import read_manifest
 from curation.report import download_thumbnails
@@ -125,8 +134,8 @@ def caption_stats(data: str | Path) -> dict[str, dict]:
     _p95 and words_hist {"edges", "counts"} over ok captions, vocabulary (distinct words over ok captions) and
     nouns_per_caption (the proxy, mean over ok captions). Variants in name order; {} when there are no captions.
     """
-    latest = latest_captions(data)
-    every = read_captions(data, columns=["variant", "cost_usd"])
+    latest = by_source(latest_captions(data))
+    every = by_source(read_captions(data, columns=["variant", "cost_usd", *SOURCE_COLUMNS]))
     vocab = nouns()
     out = {}
     for variant in sorted(set(latest["variant"].to_pylist())):
@@ -136,6 +145,15 @@ def caption_stats(data: str | Path) -> dict[str, dict]:
             vocab,
         )
     return out
+
+
+def by_source(table: pa.Table) -> pa.Table:
+    """`table` with `variant` relabelled `variant (model, prompt_id)` where it comes from several sources."""
+    df = table.select(["variant", *SOURCE_COLUMNS]).to_pandas()
+    sources = df.drop_duplicates().groupby("variant").size()
+    several = set(sources[sources > 1].index)
+    labels = [f"{v} ({m}, {p})" if v in several else v for v, m, p in zip(df["variant"], df["model"], df["prompt_id"])]
+    return table.set_column(table.schema.get_field_index("variant"), "variant", pa.array(labels, pa.string()))
 
 
 def _stats_rows(stats: dict[str, dict]) -> list[dict]:
@@ -242,7 +260,7 @@ def write_captions_report(data: str | Path, out: str | Path | None = None, sampl
     data = Path(data)
     out = Path(out) if out is not None else data / "reports" / "captions.html"
     stats = caption_stats(data)
-    latest = latest_captions(data)
+    latest = by_source(latest_captions(data))
     total = sum(s["cost_usd"] for s in stats.values())
     intro = (
         f"<p>{latest.num_rows:,} (key, variant) pairs over {len(set(latest['key'].to_pylist())):,} keys, "

@@ -5,12 +5,14 @@ adds the URL guard (installed in every Ray worker by `worker_process_setup_hook`
 decoding: `disable_all_reencoding` stores the bytes as served, so a decompression bomb is caught by our header
 check in the pixel-filter step instead of being decoded by OpenCV inside the downloader.
 
-Output: DATA/download/{shard:05d}.tar (+ .parquet and _stats.json per finished shard, img2dataset's own files).
+Output: DATA/download/{shard:05d}.tar (+ .parquet and _stats.json per finished shard, img2dataset's own files), and
+DATA/download/_done/{shard}.json, ours: written when a finished shard is first seen whole, with the sizes of its tar
+and parquet (curation/markers.py). A shard whose files are gone, cut or unreadable is removed and downloaded again.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import tarfile
 import threading
 from collections import OrderedDict
@@ -19,7 +21,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.atomic import atomic_path
 from curation.config import CurateConfig
+from curation.markers import marker_path, read_marker, stale_reason, write_marker
 from curation.progress import progress_bar
 from curation.ray_runtime import QUIET_ENV
 from curation.safety import POLICY_ENV, UrlPolicy
@@ -30,6 +34,7 @@ _index_cache: OrderedDict[tuple, dict[str, tuple[int, int]]] = OrderedDict()
 
 KEY_COLUMN = "lf_key"  # img2dataset reserves "key"; ours travels as an additional column
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
+TAR_END = 2 * tarfile.BLOCKSIZE  # zero blocks that close every tar (tarfile then pads it to a 10 KiB record)
 
 
 def url_policy(cfg: CurateConfig) -> UrlPolicy:
@@ -48,16 +53,71 @@ def ray_runtime_env(cfg: CurateConfig) -> dict:
 
 def write_download_input(rows: pa.Table, out: Path) -> Path:
     """The URL list img2dataset reads: url, caption (alt text) and our key, in key order."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    pq.write_table(rows.select(["url", "caption", KEY_COLUMN]), tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        pq.write_table(rows.select(["url", "caption", KEY_COLUMN]), tmp)
     return out
 
 
 def done_shards(download_dir: Path) -> list[str]:
-    """Shard names (e.g. '00003') img2dataset finished: it writes `_stats.json` last."""
+    """Shard names (e.g. '00003') img2dataset finished: it writes `_stats.json` last. Unchecked: `verified_shards`."""
     return sorted(p.name.split("_")[0] for p in download_dir.glob("*_stats.json"))
+
+
+def download_stamp(download_dir: Path, shard: str) -> str | None:
+    """Which download of `shard` its files are (the filtered marker records it: a shard fetched again is filtered
+    again); None before the shard is verified."""
+    record = read_marker(marker_path(download_dir, shard))
+    return record.get("stamp") if record else None
+
+
+def _not_whole(download_dir: Path, shard: str) -> str | None:
+    """Why a shard img2dataset finished is not whole, or None: a file missing, a tar without the end blocks every
+    closed tar ends with (a cut one has none), a parquet whose footer does not read. It reads 1 KiB of the tar and
+    the parquet's footer: cheap enough for every shard of a web-scale run."""
+    tar, meta = download_dir / f"{shard}.tar", download_dir / f"{shard}.parquet"
+    for path in (tar, meta):
+        if not path.is_file():
+            return f"{path.name} missing"
+    size = tar.stat().st_size
+    with open(tar, "rb") as f:
+        f.seek(max(0, size - TAR_END))
+        if size % tarfile.BLOCKSIZE or f.read() != bytes(TAR_END):
+            return f"{tar.name} is cut ({size} bytes, without a tar's end blocks)"
+    try:
+        pq.read_metadata(meta)
+    except (OSError, pa.ArrowException) as err:
+        return f"{meta.name} unreadable ({str(err).splitlines()[0]})"
+    return None
+
+
+def _shard_problem(download_dir: Path, shard: str) -> str | None:
+    """None when the shard's files are whole. Its marker (sizes) is written the first time they are found whole;
+    img2dataset's `_stats.json` (start and end times) stamps which download the marker is for."""
+    stamp = hashlib.sha256((download_dir / f"{shard}_stats.json").read_bytes()).hexdigest()[:16]
+    marker = marker_path(download_dir, shard)
+    record = read_marker(marker)
+    if record is not None and record.get("stamp") == stamp:
+        return stale_reason(record, download_dir)
+    problem = _not_whole(download_dir, shard)
+    if problem is None:
+        write_marker(marker, {"shard": shard, "stamp": stamp}, download_dir, [f"{shard}.tar", f"{shard}.parquet"])
+    return problem
+
+
+def verified_shards(download_dir: Path, then: str = "downloading it again") -> list[str]:
+    """The finished shards whose files are whole. Any other finished shard is removed, its `_stats.json` first (so
+    img2dataset's incremental mode downloads it again), and the run says so: one line a shard, ending in `then`."""
+    whole = []
+    for shard in done_shards(download_dir):
+        problem = _shard_problem(download_dir, shard)
+        if problem is None:
+            whole.append(shard)
+            continue
+        print(f"curate: download shard {shard}: {problem}; {then}")
+        for name in (f"{shard}_stats.json", f"{shard}.tar", f"{shard}.parquet"):
+            (download_dir / name).unlink(missing_ok=True)
+        marker_path(download_dir, shard).unlink(missing_ok=True)
+    return whole
 
 
 def _watch(download_dir: Path, total: int, stop: threading.Event) -> None:
@@ -68,12 +128,14 @@ def _watch(download_dir: Path, total: int, stop: threading.Event) -> None:
         bar.update(len(done_shards(download_dir)) - bar.n)
 
 
-def download(input_parquet: Path, download_dir: Path, n_rows: int, cfg: CurateConfig) -> None:
-    """Run img2dataset's Ray distributor over `input_parquet`; finished shards are skipped on rerun.
+def download(input_parquet: Path, download_dir: Path, n_rows: int, cfg: CurateConfig) -> list[str]:
+    """Run img2dataset's Ray distributor over `input_parquet`; finished shards whose files are whole are skipped on
+    rerun, the others downloaded again. Returns the finished, whole shards.
 
     Ray must already be initialised with `ray_runtime_env(cfg)` (see curation.pipeline)."""
     from img2dataset import download as img2dataset_download
 
+    verified_shards(download_dir)  # before img2dataset's incremental mode trusts the `_stats.json` files
     d = cfg.download
     total = max(1, -(-n_rows // d.shard_size))
     stop = threading.Event()
@@ -106,6 +168,7 @@ def download(input_parquet: Path, download_dir: Path, n_rows: int, cfg: CurateCo
     finally:
         stop.set()
         watcher.join()
+    return verified_shards(download_dir, then="rerun to download it again")
 
 
 def tar_index(path: Path) -> dict[str, tuple[int, int]]:

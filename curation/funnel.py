@@ -3,6 +3,7 @@
     f = funnel(read_manifest("data"))
     print(format_funnel(f))
     write_funnel_json(f, "data/reports/funnel.json")
+    print(funnel_hint(f, cfg) or "")  # a check that removed everything (or nearly): its threshold, its setting
 
 Reject reasons are counted among the rows that were not kept, so `kept + sum(reject_reasons) + unexplained ==
 total` always holds; `unexplained` (not kept, no reason) is 0 in a finished manifest and counts rows whose
@@ -11,20 +12,23 @@ filters have not run yet or whose reason is missing.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from curation.atomic import write_json
 from curation.manifest import REJECT_REASONS, STATUSES
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from curation.config import CurateConfig
+
+NEARLY_ALL = 0.9  # a check that removes this share of the rows reaching it gets a hint, even when some are kept
+HINT_MIN_ROWS = 10  # ... when at least this many reached it
 NULL_LABEL = "(null)"  # JSON keys are strings: how a null status or an unknown null is counted
 _FUNNEL_COLUMNS = ("status", "keep", "reject_reason")
 
@@ -108,15 +112,48 @@ def format_funnel(f: dict) -> str:
 
 def write_funnel_json(f: dict, path: str | Path) -> Path:
     """Write the funnel as indented JSON, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(f, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(path, f, indent=2)
+
+
+def _why(reason: str, cfg: CurateConfig) -> tuple[str, str] | None:
+    """(what the check refuses, what to do to keep those rows), or None for a reason no setting explains."""
+    m, side = cfg.models, math.isqrt(cfg.min_area)
+    area = f"{cfg.min_area} px" + (f" = {side}²" if side * side == cfg.min_area else "")
+    return {
+        "unsafe_url": ("refused by the URL guard", "admit the hosts you trust with --allow-hosts (curate.allow_hosts)"),
+        "failed_download": ("see the manifest's error column", "check the URLs and that their server answers"),
+        "failed_decode": ("not decodable; see the manifest's error column", "check what the URLs serve"),
+        "min_area": (f"images below {area}", "lower curate.min_area to keep them"),
+        "aspect": (f"width / height outside {cfg.min_aspect:g}-{cfg.max_aspect:g}",
+                   "widen curate.min_aspect / curate.max_aspect to keep them"),
+        "blur": (f"Laplacian variance below {cfg.min_blur:g}", "lower curate.min_blur to keep them"),
+        "entropy": (f"entropy below {cfg.min_entropy:g} bits", "lower curate.min_entropy to keep them"),
+        "luminance": (f"mean luminance outside {cfg.min_luminance:g}-{cfg.max_luminance:g}",
+                      "widen curate.min_luminance / curate.max_luminance to keep them"),
+        "clip_score": (f"CLIP score below {m.min_clip_score:g}", "lower curate.models.min_clip_score to keep them"),
+        "aesthetic": (f"aesthetic score below {m.min_aesthetic:g}", "lower curate.models.min_aesthetic to keep them"),
+        "nsfw": (f"NSFW score above {m.max_nsfw:g}", "raise curate.models.max_nsfw to keep them"),
+        "watermark": (f"watermark score above {m.max_watermark:g}", "raise curate.models.max_watermark to keep them"),
+    }.get(reason)
+
+
+def funnel_hint(f: dict, cfg: CurateConfig) -> str | None:
+    """One line naming the check, its threshold and the setting to change, when nothing was kept (the check that
+    removed the most) or when one check removed NEARLY_ALL of the rows that reached it; else None."""
+    checks, reaching = [], f["total"]  # (reason, rows it removed, rows that reached it), in check order
+    for reason, n in f["reject_reasons"].items():
+        checks.append((reason, n, reaching))
+        reaching -= n
+    if f["total"] and f["kept"] == 0:
+        reason, n, _ = max(checks, key=lambda c: c[1])
+        if not n:  # no reason recorded (a manifest of rows not yet filtered)
+            return f"curate: kept 0 of {f['total']}"
+        why = _why(reason, cfg)
+        others = ", ".join(f"{r} {k}" for r, k, _ in checks if k and r != reason)
+        return (f"curate: kept 0 of {f['total']}: {reason} rejected {n}" + (f" ({why[0]}); {why[1]}" if why else "")
+                + (f"; also {others}" if others else ""))
+    for reason, n, seen in checks:
+        why = _why(reason, cfg)
+        if why and seen >= HINT_MIN_ROWS and n >= NEARLY_ALL * seen:
+            return f"curate: {reason} rejected {n} of the {seen} rows that reached it ({why[0]}); {why[1]}"
+    return None

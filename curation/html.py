@@ -13,10 +13,8 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Collection, Iterable, Mapping
 from html import escape
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from curation.atomic import write_text
 from curation.decode import has_alpha, to_rgb
 
 CSS = """
@@ -172,14 +171,4 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
 def write_page(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
     """Write page(title, sections) to `path` atomically (temp file in the same folder, then rename), so a reader
     never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page(title, sections))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, page(title, sections))

@@ -39,6 +39,8 @@ def read_url_list(urls: str | Path, url_col: str = "url", caption_col: str = "ca
         except Exception as err:  # pandas/pyarrow raise many types for a corrupt file
             raise ValueError(f"cannot read URL list {path}: {str(err).splitlines()[0]}") from None
     df = pd.concat(frames, ignore_index=True)
+    if len(df) == 0:  # nothing to curate; an empty frame would also break every later join (its key dtype is float)
+        raise ValueError(f"URL list {urls} has no URLs (0 rows)")
     if url_col not in df.columns:
         raise ValueError(f"URL list {urls} has no {url_col!r} column (columns: {', '.join(map(str, df.columns))})")
     out = pd.DataFrame({

@@ -4,16 +4,18 @@
 
 Steps, each resumable (kill at any moment, rerun the same command, only what is left is done):
   1. read the URL list, key every row by its position (stable across reruns);
-  2. URL guard, statically, on the driver → refused rows never reach the downloader;
-  3. img2dataset on Ray → DATA/download/ (finished shards are not downloaded again);
-  4. one Ray actor pool filters shards → DATA/filtered/ (done shards with the same filter config are skipped);
+  2. URL guard, statically, on the driver, over each URL's URI form (`iri_to_uri`) → refused rows never reach the
+     downloader;
+  3. img2dataset on Ray → DATA/download/ (finished shards whose files are whole are not downloaded again);
+  4. one Ray actor pool filters shards → DATA/filtered/ (done shards with the same filter config and download are
+     skipped);
   5. dedup over the rows every other filter kept;
-  6. the manifest (DATA/manifest/part-*.parquet), the funnel (printed + JSON) and DATA/reports/curation.html.
+  6. the manifest (DATA/manifest/part-*.parquet), the funnel (printed + JSON) and DATA/reports/curation.html. A run
+     that keeps nothing raises `NothingKeptError` after writing them, naming the check and the setting to change.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,27 +25,24 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.atomic import recover_folder, staging_dir, swap_folder
+from curation.atomic import recover_folder, staging_dir, swap_folder, write_json
 from curation.config import CurateConfig
 from curation.dedup import find_duplicates
-from curation.download import (
-    KEY_COLUMN,
-    done_shards,
-    download,
-    ray_runtime_env,
-    url_policy,
-    write_download_input,
-)
-from curation.funnel import format_funnel, funnel, write_funnel_json
+from curation.download import KEY_COLUMN, download, download_stamp, ray_runtime_env, url_policy, write_download_input
+from curation.funnel import format_funnel, funnel, funnel_hint, write_funnel_json
 from curation.inputs import read_url_list
 from curation.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED_DOWNLOAD, manifest_dir
 from curation.progress import progress_bar
 from curation.ray_runtime import init_ray
 from curation.report import write_report
-from curation.safety import UrlGuard
+from curation.safety import UrlGuard, iri_to_uri
 from curation.shard_filter import FILTERED_SCHEMA, ShardFilter, filter_config_hash, shard_done
 
 MANIFEST_PART_ROWS = 1_000_000
+
+
+class NothingKeptError(ValueError):
+    """A curate run kept no image (the manifest and reports are written): a user-fixable error, exit status 2."""
 
 
 class Timings(dict):
@@ -56,17 +55,16 @@ class Timings(dict):
         self[stage] = round(time.perf_counter() - started, 3)
 
     def write(self, path: Path, **extra) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"seconds": dict(self), **extra}, indent=1))
+        write_json(path, {"seconds": dict(self), **extra})
 
 
-def filter_shards(data: Path, cfg: CurateConfig) -> list[dict]:
-    """Filter every downloaded shard not yet filtered with this config, on a pool of Ray actors."""
+def filter_shards(data: Path, cfg: CurateConfig, shards: list[str]) -> list[dict]:
+    """Filter every downloaded shard not yet filtered with this config and download, on a pool of Ray actors."""
     import ray
     from ray.util import ActorPool
 
     cfg_hash = filter_config_hash(cfg)
-    todo = [s for s in done_shards(data / "download") if not shard_done(data / "filtered", s, cfg_hash)]
+    todo = [s for s in shards if not shard_done(data / "filtered", s, cfg_hash, download_stamp(data / "download", s))]
     if not todo:
         return []
     cpus = int(ray.available_resources().get("CPU", 1)) or 1
@@ -80,8 +78,12 @@ def filter_shards(data: Path, cfg: CurateConfig) -> list[dict]:
     return stats
 
 
-def read_filtered(data: Path, columns: list[str] | None = None) -> pd.DataFrame:
+def read_filtered(data: Path, columns: list[str] | None = None, shards: list[str] | None = None) -> pd.DataFrame:
+    """The filtered rows of `shards` (default: every part there is)."""
     parts = sorted((data / "filtered").glob("*.parquet"))
+    if shards is not None:  # a part of a shard that is being downloaded again is not this run's
+        wanted = set(shards)
+        parts = [p for p in parts if p.stem in wanted]
     if not parts:
         return FILTERED_SCHEMA.empty_table().select(columns or FILTERED_SCHEMA.names).to_pandas()
     return pa.concat_tables(pq.read_table(p, columns=columns) for p in parts).to_pandas()
@@ -178,25 +180,27 @@ def write_manifest(manifest: pd.DataFrame, data: Path) -> pa.Table:
 def curate(urls: str | Path, data: str | Path, cfg: CurateConfig, ray_address: str | None = None) -> pd.DataFrame:
     data = Path(data)
     inputs, extra_cols = read_url_list(urls, cfg.url_col, cfg.caption_col)
+    uris = inputs["url"].map(iri_to_uri)  # what is vetted and fetched; the manifest keeps each URL as given
     guard = UrlGuard(url_policy(cfg))
-    refused = {k: r for k, r in zip(inputs["key"], map(guard.static_reason, inputs["url"])) if r}
-    safe = inputs[~inputs["key"].isin(refused)]
+    refused = {k: r for k, r in zip(inputs["key"], map(guard.static_reason, uris)) if r}
+    safe = inputs.assign(url=uris)[~inputs["key"].isin(refused)]
     print(f"curate: {len(inputs)} URLs, {len(refused)} refused by the URL guard, {len(safe)} to download")
 
     timings = Timings()
     with timings("ray_init"):
         init_ray(ray_address, ray_runtime_env(cfg))
+    shards: list[str] = []  # the download shards whose files are whole
     if len(safe):
         table = pa.Table.from_pandas(
             safe.rename(columns={"alt_text": "caption", "key": KEY_COLUMN})[["url", "caption", KEY_COLUMN]],
             preserve_index=False)
         input_file = write_download_input(table, data / "download" / "_input" / "urls.parquet")
         with timings("download"):
-            download(input_file, data / "download", len(safe), cfg)
+            shards = download(input_file, data / "download", len(safe), cfg)
         with timings("filter"):
-            filter_shards(data, cfg)
+            filter_shards(data, cfg, shards)
 
-    filtered = read_filtered(data, [c for c in FILTERED_SCHEMA.names if c != "embedding"])
+    filtered = read_filtered(data, [c for c in FILTERED_SCHEMA.names if c != "embedding"], shards)
     with timings("dedup"):
         dups = dedup(data, filtered, cfg)
     manifest = build_manifest(inputs, refused, filtered, dups, extra_cols)
@@ -207,5 +211,10 @@ def curate(urls: str | Path, data: str | Path, cfg: CurateConfig, ray_address: s
     write_funnel_json(summary, data / "reports" / "funnel.json")
     report = write_report(data, table, cfg)
     print(f"curate: manifest in {manifest_dir(data)}, report at {report}")
+    hint = funnel_hint(summary, cfg)
+    if summary["kept"] == 0:
+        raise NothingKeptError(hint)
+    if hint:
+        print(hint)
     return manifest
 

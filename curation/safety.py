@@ -1,6 +1,7 @@
 """URL safety before any request: the SSRF guard, and bounds on what one response may cost.
 
-Two layers, one policy (`UrlGuard`):
+First `iri_to_uri`: a web URL may hold non-ASCII characters or spaces (an IRI); the guard vets, and the downloader
+fetches, the URI it stands for. Then two layers, one policy (`UrlGuard`):
 - `UrlGuard.static_reason(url)` runs on the driver over the whole URL list, with no network: scheme (http/https
   only), credentials in the URL, hosts that are literal non-public IPs or `localhost`. Refused rows never reach the
   downloader; they become manifest rows with reject_reason `unsafe_url`.
@@ -20,18 +21,56 @@ import io
 import ipaddress
 import json
 import os
+import re
 import socket
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+
+import idna  # UTS #46 IDNA, what browsers use (the stdlib codec is IDNA 2003); installed with aiohttp's yarl
 
 UNSAFE_PREFIX = "unsafe url: "  # every refusal message starts with this; curate maps it to reject_reason unsafe_url
 INCOMPLETE_PREFIX = "incomplete body: "  # a response cut short; curate records it as a failed_download
 POLICY_ENV = "LENSFORGE_URL_POLICY"  # the policy travels to Ray workers as JSON in this environment variable
 ALLOWED_SCHEMES = ("http", "https")
 MAX_REDIRECTS = 5
+
+URI_KEEP = ":/?#[]@!$&'()*+,;=%"  # RFC 3986 reserved characters and "%"; letters, digits and "-._~" are never quoted
+_URI_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~" + URI_KEEP)
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a "%" that starts no escape: itself, encoded (%25)
+
+
+def iri_to_uri(iri: str) -> str:
+    """The URI an IRI stands for (RFC 3987 §3.1), as a browser requests it: in the path, query and fragment every
+    non-ASCII character percent-encoded as UTF-8, and so is every ASCII one a URI cannot hold (space, controls,
+    quotes, angle brackets, braces ...); a non-ASCII host IDNA-encoded. Escapes already there, reserved characters
+    and ASCII hosts are left alone, so a URI comes back unchanged (bar surrounding white space).
+
+    Why: http.client sends ASCII only ("'ascii' codec can't encode") and refuses spaces, so `.../画像.jpg` or
+    `.../a b.jpg` would fail to download while their percent-encoded forms do; and the guard must vet the host that
+    will be connected to (IDNA maps a full-width `ｌｏｃａｌｈｏｓｔ` to `localhost`). What cannot be encoded (a host
+    IDNA refuses, a netloc urllib rejects) is left as it is, for `UrlGuard.static_reason` to refuse as malformed."""
+    iri = iri.strip()
+    if set(iri) <= _URI_CHARS and not _LONE_PERCENT.search(iri):
+        return iri
+    try:
+        parts = urlsplit(iri)
+    except ValueError:
+        return iri
+    netloc = parts.netloc
+    if not netloc.isascii():
+        userinfo, at, hostport = netloc.rpartition("@")
+        host, colon, port = (hostport, "", "") if hostport.startswith("[") else hostport.partition(":")
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            pass
+        netloc = quote(userinfo, safe=URI_KEEP) + at + host + colon + port
+    path, query, fragment = (quote(_LONE_PERCENT.sub("%25", x), safe=URI_KEEP)
+                             for x in (parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, path, query, fragment))
 
 
 class UnsafeURLError(urllib.error.URLError):
@@ -87,7 +126,7 @@ class UrlGuard:
                 self._names.add(entry.lower().rstrip("."))
 
     def static_reason(self, url: str) -> str | None:
-        """Why `url` is refused without touching the network, or None."""
+        """Why `url` (a URI: see `iri_to_uri`) is refused without touching the network, or None."""
         try:
             parts = urlsplit(url)
             host = parts.hostname
@@ -100,12 +139,15 @@ class UrlGuard:
             return f"{UNSAFE_PREFIX}credentials in URL"
         if not host:
             return f"{UNSAFE_PREFIX}no host"
+        if not host.isascii():  # iri_to_uri encodes every valid internationalized name
+            return f"{UNSAFE_PREFIX}malformed URL (host {host!r} is not a valid IDNA name)"
         if host in self._names:
             return None
         try:
             return self.address_reason(host, ipaddress.ip_address(host))
         except ValueError:  # a name, not a literal address: resolved in the worker, at connect time
-            return f"{UNSAFE_PREFIX}{host} is a local name" if host == "localhost" or host.endswith(".localhost") else None
+            local = host == "localhost" or host.endswith(".localhost")
+            return f"{UNSAFE_PREFIX}{host} is a local name" if local else None
 
     def address_reason(self, host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         """Why connecting to `ip` (resolved from `host`) is refused, or None."""

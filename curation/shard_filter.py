@@ -2,9 +2,10 @@
 
 Input: DATA/download/{shard}.tar + {shard}.parquet (img2dataset). Output: DATA/filtered/{shard}.parquet, one row
 per URL of the shard, and DATA/filtered/_done/{shard}.json (counts per reason, the worker's node, the config hash,
-the part's size) — written last, so it marks the shard done. A rerun skips a done shard only while its part is
-there with the size the marker records and the filter config is the same; otherwise it filters it again. Markers sit
-under `_done/`, which Parquet readers skip, so `pd.read_parquet("DATA/filtered")` reads the parts alone.
+the download's stamp, the part's size) — written last, so it marks the shard done. A rerun skips a done shard only
+while its part is there with the size the marker records, the filter config is the same and the download shard is
+the one it filtered; otherwise it filters it again. Markers sit under `_done/`, which Parquet readers skip, so
+`pd.read_parquet("DATA/filtered")` reads the parts alone.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curation.atomic import atomic_path
 from curation.config import CurateConfig
-from curation.download import KEY_COLUMN
+from curation.download import KEY_COLUMN, download_stamp
 from curation.manifest import STATUS_FAILED_DECODE, STATUS_FAILED_DOWNLOAD, STATUS_OK
+from curation.markers import marker_path, read_marker, stale_reason, write_marker
+from curation.markers import read_markers  # noqa: F401 — bench/curate.py reads the filtered markers from here
 from curation.pixel_filters import decode, image_hashes, pixel_reason, pixel_scores, thumbnail
 from curation.safety import UNSAFE_PREFIX
 
@@ -56,29 +60,18 @@ def filter_config_hash(cfg: CurateConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-MARKER_DIR = "_done"  # under DATA/filtered: a leading "_" keeps pandas, pyarrow and Ray Data out of it
-
-
-def marker_path(filtered_dir: Path, shard: str) -> Path:
-    return Path(filtered_dir) / MARKER_DIR / f"{shard}.json"
-
-
-def read_markers(filtered_dir: Path) -> list[dict]:
-    """Every done shard's record (reasons, node, seconds, config hash, part size)."""
-    return [json.loads(p.read_text()) for p in sorted((Path(filtered_dir) / MARKER_DIR).glob("*.json"))]
-
-
-def shard_done(filtered_dir: Path, shard: str, cfg_hash: str) -> bool:
-    """Done when the marker says this config and the part it vouches for is there with the size it recorded."""
-    marker, part = marker_path(filtered_dir, shard), Path(filtered_dir) / f"{shard}.parquet"
-    if not marker.is_file():
+def shard_done(filtered_dir: Path, shard: str, cfg_hash: str, download: str | None) -> bool:
+    """Done when the marker says this config and this download of the shard (`download_stamp`), and the part it
+    vouches for is there with the size it recorded; a changed download or part is filtered again, and said so."""
+    record = read_marker(marker_path(filtered_dir, shard))
+    if record is None or record.get("config_hash") != cfg_hash:
         return False
-    record = json.loads(marker.read_text())
-    if record.get("config_hash") != cfg_hash:
+    if record.get("download_stamp") != download:
+        print(f"curate: filtered shard {shard}: made from an earlier download of the shard; filtering that shard again")
         return False
-    if not part.is_file() or part.stat().st_size != record.get("part_bytes"):
-        print(f"curate: {part} is missing or not the {record.get('part_bytes')} bytes its marker records: "
-              "filtering that shard again")
+    problem = stale_reason(record, filtered_dir)
+    if problem:
+        print(f"curate: filtered shard {shard}: {problem}; filtering that shard again")
         return False
     return True
 
@@ -143,6 +136,7 @@ class ShardFilter:
     def __call__(self, shard: str) -> dict:
         started = time.time()
         download_dir, filtered_dir = self.data / "download", self.data / "filtered"
+        stamp = download_stamp(download_dir, shard)  # the download read here, for the marker
         metas = pq.read_table(download_dir / f"{shard}.parquet").to_pylist()
         by_i2d_key = {m["key"]: m for m in metas}
         rows = {m["key"]: _download_row(m, shard) for m in metas}
@@ -166,16 +160,15 @@ class ShardFilter:
         for row in rows.values():  # a success img2dataset wrote no bytes for (should not happen): say so
             if row["status"] is None:
                 row.update(status=STATUS_FAILED_DECODE, error="no image bytes in shard", reject_reason="failed_decode")
-        return self._write(filtered_dir, shard, list(rows.values()), started)
+        return self._write(filtered_dir, shard, list(rows.values()), started, stamp)
 
-    def _write(self, filtered_dir: Path, shard: str, rows: list[dict], started: float) -> dict:
+    def _write(self, filtered_dir: Path, shard: str, rows: list[dict], started: float, stamp: str | None) -> dict:
         import ray
 
         filtered_dir.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pylist(rows, schema=FILTERED_SCHEMA)
-        tmp = filtered_dir / f".{shard}.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, filtered_dir / f"{shard}.parquet")
+        with atomic_path(filtered_dir / f"{shard}.parquet", fsync=True) as tmp:  # its marker follows: state
+            pq.write_table(table, tmp)
         stats = {
             "shard": shard,
             "rows": len(rows),
@@ -183,10 +176,6 @@ class ShardFilter:
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "seconds": round(time.time() - started, 3),
             "config_hash": filter_config_hash(self.cfg),
-            "part_bytes": (filtered_dir / f"{shard}.parquet").stat().st_size,
+            "download_stamp": stamp,
         }
-        marker = marker_path(filtered_dir, shard)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.with_suffix(".tmp").write_text(json.dumps(stats, indent=1))
-        os.replace(marker.with_suffix(".tmp"), marker)
-        return stats
+        return write_marker(marker_path(filtered_dir, shard), stats, filtered_dir, [f"{shard}.parquet"])

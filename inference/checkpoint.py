@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 
+from curation.atomic import atomic_path
 from inference import lens_format, lora
 from inference.config import ModelConfig
 from inference.mmdit import MMDiT
@@ -68,9 +68,8 @@ def write_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a checkpoint's files are fsynced together (training/train_checkpoint.py)
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
@@ -108,6 +107,19 @@ def latest_step_dir(run: str | Path) -> Path:
     return max(steps)[1]
 
 
+def pick_weights(step_dir: Path, names: tuple[str, str], prefer_ema: bool = True) -> Path | None:
+    """The weights file of a step directory, `names` = (EMA file, raw file): the EMA one, else the raw one; with
+    `prefer_ema` False the raw one only (a directory holding just the EMA file is refused, naming it: asked for
+    the raw weights, silently sampling the EMA ones would be wrong). None when neither is there."""
+    ema, raw = step_dir / names[0], step_dir / names[1]
+    if prefer_ema:
+        return next((p for p in (ema, raw) if p.is_file()), None)
+    if not raw.is_file() and ema.is_file():
+        raise FileNotFoundError(f"--no-ema: {step_dir} has no {raw.name}, only {ema.name} (the EMA weights); "
+                                "drop --no-ema to use those")
+    return raw if raw.is_file() else None
+
+
 def resolve_checkpoint(run=None, checkpoint=None, prefer_ema: bool = True) -> tuple[Path, CheckpointSpec]:
     """The weights file to load and its spec: `run` → its latest step; `checkpoint` → a step dir or a file."""
     if (run is None) == (checkpoint is None):
@@ -116,22 +128,21 @@ def resolve_checkpoint(run=None, checkpoint=None, prefer_ema: bool = True) -> tu
     if where.is_file():
         weights = where
     elif where.is_dir():
-        names = WEIGHT_FILES if prefer_ema else WEIGHT_FILES[::-1]
-        found = [where / n for n in names if (where / n).is_file()]
-        if not found:
+        weights = pick_weights(where, WEIGHT_FILES, prefer_ema)
+        if weights is None:
             raise FileNotFoundError(f"no {' or '.join(WEIGHT_FILES)} in {where}")
-        weights = found[0]
     else:
         raise FileNotFoundError(f"checkpoint not found: {where}")
     return weights, read_spec(weights)
 
 
-def read_spec(weights: str | Path) -> CheckpointSpec:
-    """The spec from the file's metadata, else from `model_config.json` beside it."""
+def read_spec(weights: str | Path, metadata: dict | None = None) -> CheckpointSpec:
+    """The spec from the file's metadata (`metadata`: its header's, when already read), else from
+    `model_config.json` beside it."""
     weights = Path(weights)
     if weights.suffix != ".safetensors":
         raise ValueError(f"{weights}: only .safetensors checkpoints are loaded")
-    raw = read_header(weights)[1].get(SPEC_KEY)
+    raw = (read_header(weights)[1] if metadata is None else metadata).get(SPEC_KEY)
     if raw is None and (weights.parent / SPEC_FILE).is_file():
         raw = (weights.parent / SPEC_FILE).read_text()
     if raw is None:
@@ -194,10 +205,9 @@ def describe_denoiser(path: str | Path, prefer_ema: bool = True) -> DenoiserSour
     if path.is_dir() and (path / "checkpoints").is_dir():
         path = latest_step_dir(path)
     if path.is_dir():
-        names = lora.ADAPTER_FILES if prefer_ema else lora.ADAPTER_FILES[::-1]
-        adapters = [path / n for n in names if (path / n).is_file()]
-        if adapters and not any((path / name).is_file() for name in WEIGHT_FILES):
-            return _adapter_source(adapters[0])
+        full = any((path / name).is_file() for name in WEIGHT_FILES)
+        if not full and any((path / name).is_file() for name in lora.ADAPTER_FILES):
+            return _adapter_source(pick_weights(path, lora.ADAPTER_FILES, prefer_ema))
     elif lora.is_adapter_file(path):
         return _adapter_source(path)
     if path.is_dir():
@@ -207,11 +217,12 @@ def describe_denoiser(path: str | Path, prefer_ema: bool = True) -> DenoiserSour
             if lens_format.is_release_root(path.parent):
                 return _release_source(path.parent)
             return _transformer_source(path)
-        if not any((path / name).is_file() for name in WEIGHT_FILES):
+        weights = pick_weights(path, WEIGHT_FILES, prefer_ema)
+        if weights is None:
             raise FileNotFoundError(f"{path}: not a lensforge run or step directory (no checkpoints/, "
                                     f"{' or '.join(WEIGHT_FILES)}), a Lens release root (model_index.json) "
                                     "or a transformer/ folder (config.json)")
-        return _file_source(resolve_checkpoint(checkpoint=path, prefer_ema=prefer_ema)[0])
+        return _file_source(weights)
     return _file_source(path)
 
 
@@ -269,7 +280,7 @@ def _file_source(weights: Path) -> DenoiserSource:
     keys, shapes = list(entries), {k: e[1] for k, e in entries.items()}
     prefix = lens_format.strip_prefix(keys)
     if SPEC_KEY in meta or (weights.parent / SPEC_FILE).is_file():
-        return DenoiserSource("lensforge", (weights,), prefix, read_spec(weights))
+        return DenoiserSource("lensforge", (weights,), prefix, read_spec(weights, meta))  # the header read once
     bare = {k[len(prefix):]: v for k, v in shapes.items()}
     if lens_format.CONFIG_METADATA_KEY in meta:
         config = json.loads(meta[lens_format.CONFIG_METADATA_KEY])

@@ -122,6 +122,15 @@ def token_scale(scale: torch.Tensor, like: torch.Tensor, patch: int) -> torch.Te
     return grid.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
 
 
+def check_guidance(cfg: float, mu: float | None = None) -> None:
+    """Refuse a guidance scale that is not a finite number ≥ 0, or a non-finite shift: either turns every latent
+    into NaN, and the image comes out black without an error."""
+    if not math.isfinite(cfg) or cfg < 0:
+        raise ValueError(f"guidance scale (cfg) {cfg}: must be a finite number ≥ 0 (1 = no guidance)")
+    if mu is not None and not math.isfinite(mu):
+        raise ValueError(f"schedule shift mu {mu}: must be a finite number")
+
+
 @dataclass(frozen=True)
 class RectifiedFlow:
     prediction: Literal["velocity", "x"] = "velocity"
@@ -170,14 +179,17 @@ class RectifiedFlow:
 
     @torch.no_grad()
     def sample(self, model: Model, noise, text, text_mask, steps: int = 20, cfg: float = 1.0, neg=None,
-               mu: float | None = None, patch: int | None = None) -> torch.Tensor:
+               mu: float | None = None, patch: int | None = None,
+               on_step: Callable[[], object] | None = None) -> torch.Tensor:
         """Euler from noise (B, C, H, W) at t = 1 to x0 on the shifted σ schedule.
 
         text (B, L, D) / text_mask (B, L) condition; neg = (features, mask) of the negative prompt(s), batch B
         or 1 (an empty prompt: (1, 0, D) features), used when cfg ≠ 1. Each step is the Lens pipeline's: the
         model sees t = (1000·σ)/1000 (its scheduler's timestep, in x's dtype), then x ← x + (σ' − σ)·v in float32,
-        stored back in x's dtype (the model's in the pipeline; fp32 under autocast).
+        stored back in x's dtype (the model's in the pipeline; fp32 under autocast). `on_step` is called after
+        every step (a progress bar's update).
         """
+        check_guidance(cfg, mu)
         patch = patch or model_patch(model)
         b = noise.shape[0]
         if neg is not None and neg[0].shape[0] == 1 and b > 1:
@@ -190,4 +202,6 @@ class RectifiedFlow:
             v = self.guided_velocity(model, x, t, (text, text_mask), neg, cfg, patch)
             step = x.to(torch.promote_types(x.dtype, torch.float32)) + (sigmas[i + 1] - sigmas[i]) * v
             x = step.to(x.dtype)  # x keeps its dtype (the model's; fp32 under autocast)
+            if on_step is not None:
+                on_step()
         return x

@@ -22,7 +22,7 @@ from PIL import Image
 
 from inference.checkpoint import CheckpointSpec, DenoiserSource, describe_denoiser, load_source
 from inference.codecs import Codec, load_codec
-from inference.flow import RectifiedFlow, initial_noise, pad_text
+from inference.flow import RectifiedFlow, check_guidance, initial_noise, pad_text
 from inference.mmdit import MMDiT
 from inference.text import TextEncoder, load_text_encoder
 
@@ -187,8 +187,17 @@ class Pipeline:
                     out.append((f[None, :n].to(self.device, self.dtype), m[None, :n].to(self.device)))
         return out
 
-    def latents(self, prompts, width, height, steps=20, cfg=5.0, seeds=None, negative="", texts=None, neg=None):
-        """Sample normalized latents for one batch of prompts (one image each); `texts`/`neg`: already encoded."""
+    def step_flops(self, width: int, height: int, cfg: float = 5.0) -> float:
+        """Forward FLOPs of one sampling step for one image: about 2 · parameters · image tokens, × 2 with CFG
+        (both halves run); attention and the text tokens are left out, so it is a lower bound at large sizes."""
+        tokens = (width // self.codec.factor // self.model.config.patch) * (
+            height // self.codec.factor // self.model.config.patch)
+        return 2.0 * sum(p.numel() for p in self.model.parameters()) * tokens * (1 if cfg == 1.0 else 2)
+
+    def latents(self, prompts, width, height, steps=20, cfg=5.0, seeds=None, negative="", texts=None, neg=None,
+                on_step=None):
+        """Sample normalized latents for one batch of prompts (one image each); `texts`/`neg`: already encoded;
+        `on_step()` after every sampling step."""
         self.codec.check_size(width, height)
         c, f, p = self.model.config.in_channels, self.codec.factor, self.model.config.patch
         if (height // f) % p or (width // f) % p:
@@ -202,11 +211,14 @@ class Pipeline:
             neg = self.encode([negative])[0]
         with self._context():
             return self.flow.sample(self.model, noise, text, mask, steps=steps, cfg=cfg,
-                                    neg=neg if cfg != 1.0 else None)
+                                    neg=neg if cfg != 1.0 else None, on_step=on_step)
 
     @torch.no_grad()
-    def generate(self, prompts, width, height, steps=20, cfg=5.0, seeds=None, negative="", batch_size=4):
-        """PIL images, one per prompt (repeat a prompt for several images); image i uses seeds[i]."""
+    def generate(self, prompts, width, height, steps=20, cfg=5.0, seeds=None, negative="", batch_size=4,
+                 on_step=None):
+        """PIL images, one per prompt (repeat a prompt for several images); image i uses seeds[i]. `on_step()` is
+        called after every sampling step of every batch (steps × ⌈len(prompts) / batch_size⌉ calls)."""
+        check_guidance(cfg)  # before anything is encoded
         prompts = list(prompts)
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         unique = list(dict.fromkeys(prompts + ([negative] if cfg != 1.0 else [])))
@@ -217,7 +229,7 @@ class Pipeline:
             for start in range(0, len(prompts), batch_size):
                 part = slice(start, start + batch_size)
                 latents.append(self.latents(prompts[part], width, height, steps, cfg, seeds[part], negative,
-                                            texts=[encoded[p] for p in prompts[part]], neg=neg))
+                                            texts=[encoded[p] for p in prompts[part]], neg=neg, on_step=on_step))
         images = []
         with self.visit(getattr(self.codec, "vae", None)), self._context():
             for z in latents:

@@ -17,9 +17,9 @@ lensforge's parameter names ARE the released names (inference/mmdit.py), so no k
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from curation.atomic import atomic_path, write_json
 from inference.config import ModelConfig
 from inference.text import GPT_OSS_LAYERS
 
@@ -168,9 +168,7 @@ def read_release_config(folder: Path) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, sort_keys=True)  # diffusers' own layout
 
 
 def write_transformer_dir(state: dict, cfg: ModelConfig, out: str | Path, layers, metadata: dict | None = None,
@@ -184,9 +182,8 @@ def write_transformer_dir(state: dict, cfg: ModelConfig, out: str | Path, layers
     out.mkdir(parents=True, exist_ok=True)
     split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
-        tmp = out / (filename + ".tmp")
-        save_file({n: state[n].contiguous() for n in names}, str(tmp), metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, out / filename)
+        with atomic_path(out / filename) as tmp:
+            save_file({n: state[n].contiguous() for n in names}, str(tmp), metadata={"format": "pt", **(metadata or {})})
     if split.is_sharded:
         _write_json(out / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
     _write_json(out / CONFIG_FILE, release_config(cfg, layers))
@@ -203,7 +200,6 @@ def write_single_file(state: dict, cfg: ModelConfig, out: str | Path, layers, me
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(release_config(cfg, layers), sort_keys=True),
             **(metadata or {})}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     return out

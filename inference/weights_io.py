@@ -15,6 +15,7 @@ format is safetensors' documented one: an 8-byte little-endian length, then JSON
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -29,18 +30,20 @@ MAX_HEADER = 100 * 2**20  # safetensors' own cap on the JSON header
 
 def read_header(path: str | Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], dict]:
     """Tensor entries {name: (dtype, shape, begin, end)} (byte offsets from the start of the file) and the
-    file's `__metadata__`."""
+    file's `__metadata__`. A file shorter than its header says (a copy or download cut short) is refused here,
+    before anything is loaded."""
     with open(path, "rb", buffering=0) as f:  # unbuffered: each tensor is one read() straight into its memory
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its header length)")
+            raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes: no header length)")
         (length,) = struct.unpack("<Q", raw)
         if length > MAX_HEADER:
-            raise ValueError(f"{path}: not a safetensors file (header length {length})")
+            raise ValueError(f"{path} is truncated or not a safetensors file (header length {length})")
         try:
             header = json.loads(f.read(length))
         except ValueError:
-            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
+            raise ValueError(f"{path} is truncated or not a safetensors file (unreadable header)") from None
     metadata = header.pop("__metadata__", None) or {}
     entries = {}
     for name, info in header.items():
@@ -53,6 +56,10 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[torch.dtype, tuple[in
         if end - begin != numel * DTYPES[info["dtype"]].itemsize:
             raise ValueError(f"{path}: tensor {name} has {end - begin} bytes for shape {info['shape']}")
         entries[name] = (DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + begin, 8 + length + end)
+    needed = max((e[3] for e in entries.values()), default=8 + length)
+    if size < needed:
+        raise ValueError(f"{path} is truncated or not a safetensors file ({size:,} bytes, its header needs "
+                         f"{needed:,})")
     return entries, metadata
 
 
@@ -85,8 +92,8 @@ def read_rows(path: str | Path, wanted: dict[str, tuple[int, int] | None], dtype
                 raw.zero_()  # fault the fresh pages in with torch's threads: inside read() it is one page at a time
                 f.seek(begin)
                 view = memoryview(raw.numpy())
-                if f.readinto(view) != end - begin:
-                    raise ValueError(f"{path}: truncated at tensor {name}")
+                if f.readinto(view) != end - begin:  # cut after its header was read
+                    raise ValueError(f"{path} is truncated or not a safetensors file (at tensor {name})")
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             yield name, tensor.to(device) if device is not None else tensor

@@ -58,7 +58,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.ablate_data import resolve_shard_set, words_json, write_json
+from curation.atomic import write_json
+from pipelines.ablate_data import resolve_shard_set, words_json
 from training.caption_variants import split_variant, truncated
 from training.train_config import TrainConfig
 

@@ -8,11 +8,11 @@ the words per caption of each variant stored in it.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from collections import defaultdict
 from pathlib import Path
 
+from curation.atomic import write_json
 from training.caption_variants import split_variant
 from training.train_config import TrainConfig
 
@@ -103,9 +103,3 @@ def words_json(out: Path, set_dir: Path, holdout: float) -> dict:
     words = words_per_caption(set_dir, holdout)
     write_json(path, {"shard_set": set_dir.name, "holdout": holdout, "words": words})
     return words
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Environment checks behind `lensforge doctor`: each returns `Check` rows (ok / warning / missing, with what to do).
 
     lensforge doctor                                           # Python, packages, GPU, Ray, disk, img2dataset env
-    lensforge doctor --config configs/lens-800m-style.yaml     # + weights paths, caption endpoint
+    lensforge doctor --config configs/lens-800m-style.yaml     # + weights paths, caption endpoint and key
     lensforge doctor --config my.yaml --ray-address head.cluster.internal:6379 --out /data
 
 Only `missing` rows make the exit code 1; a CPU-only machine is a warning. Nothing here starts Ray or loads a
@@ -342,6 +342,20 @@ def check_endpoint(caption, offline: bool = True, timeout_s: float = 5.0) -> Che
     return Check(name, OK, f"{base} answers" + (f"; serves {caption.model}" if caption.model in served else ""))
 
 
+def check_api_key(caption) -> Check:
+    """The captioning key: a remote endpoint (or Azure) needs the variable `caption.api_key_env` names set, as
+    `lensforge caption` refuses to start without it; a loopback one needs none. The key itself is never shown."""
+    name, env = "caption api key", caption.api_key_env
+    where = caption.azure.endpoint if caption.azure is not None else (caption.base_url or "https://api.openai.com/v1")
+    if caption.azure is None and _is_loopback_host(urlparse(where).hostname or ""):
+        return Check(name, OK, f"{where} is a loopback endpoint: no key needed")
+    if not os.environ.get(env, "").strip():
+        return Check(name, MISSING, f"${env} (caption.api_key_env) is unset; {where} needs it",
+                     f"export {env}=... in the shell that runs lensforge, or name another variable in "
+                     "caption.api_key_env")
+    return Check(name, OK, f"${env} is set (for {where})")
+
+
 def check_config(sections: dict, offline: bool = True, timeout_s: float = 5.0) -> list[Check]:
     """Weights paths of every configured stage, codec/text-encoder agreement, and the caption endpoint."""
     rows = []
@@ -358,7 +372,7 @@ def check_config(sections: dict, offline: bool = True, timeout_s: float = 5.0) -
                 rows.append(Check(f"train.{key} vs precompute", WARNING, f"{getattr(train, key)} ≠ precompute's "
                                   f"{getattr(pre, key)}", "training refuses shards made with other encoders"))
     if "caption" in sections:
-        rows.append(check_endpoint(sections["caption"], offline, timeout_s))
+        rows += [check_api_key(sections["caption"]), check_endpoint(sections["caption"], offline, timeout_s)]
     return rows
 
 

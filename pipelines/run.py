@@ -13,6 +13,7 @@ training runs in this process, or under torchrun when `run.nproc_per_node` > 1.
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 import subprocess
 import sys
@@ -76,6 +77,11 @@ def make_plan(config: str | None, overrides: list[str], out: str | None = None, 
     set_in_train = {o.partition("=")[0].split(".")[1] for o in overrides if o.startswith("train.")}
     fill = {k: getattr(cfgs["precompute"], k) for k in ("codec", "text_encoder")
             if k not in train_raw and k not in set_in_train}
+    cfgs["precompute"] = cfgs["precompute"].model_copy(update=caption_choice(cfgs["caption"], cfgs["precompute"]))
+    if "buckets" not in train_raw and "buckets" not in set_in_train:
+        fill["buckets"] = cfgs["precompute"].buckets
+    if "encoders" not in set_in_train:
+        fill["encoders"] = trained_captions(cfgs["precompute"]) | cfgs["train"].encoders
     cfgs["train"] = cfgs["train"].model_copy(update=fill)  # train reads what precompute wrote unless told
     plan.cfgs = cfgs
 
@@ -88,6 +94,34 @@ def make_plan(config: str | None, overrides: list[str], out: str | None = None, 
         cfg = run.sample if stage == "sample" else cfgs.get(stage)
         plan.keys[stage] = upstream = stage_key(stage, cfg, upstream, **(urls if stage == "curate" else {}))
     return plan
+
+
+def caption_choice(caption, precompute) -> dict:
+    """Precompute reads the captions this pipeline's caption stage writes (its model, its presets' prompt_ids),
+    unless its own section names them."""
+    from captioning.presets import resolve_variants
+    from training.caption_variants import split_variant
+
+    model = caption.model or (caption.azure.deployment if caption.azure is not None else None)
+    if model is None:
+        return {}
+    presets = resolve_variants(caption.variants, caption.prompt_file)
+    bases = {split_variant(v)[0] for v in precompute.variants}
+    prompts = {v: p.prompt_id for v, p in presets.items() if v in bases} | precompute.caption_prompts
+    return {"caption_model": precompute.caption_model or model, "caption_prompts": prompts}
+
+
+def trained_captions(precompute) -> dict:
+    """`train.encoders` naming the captions precompute encodes (their model, and prompt_id where known), so that
+    training takes the shard set of this pipeline's captioner when an older captioner's set is there too."""
+    from captioning.schema import ALT_VARIANT
+    from training.caption_variants import split_variant
+
+    bases = sorted({split_variant(v)[0] for v in precompute.variants} - {ALT_VARIANT})
+    if precompute.caption_model is None or not bases:
+        return {}
+    return {"captions": {v: {"model": precompute.caption_model} | (
+        {"prompt_id": precompute.caption_prompts[v]} if v in precompute.caption_prompts else {}) for v in bases}}
 
 
 def run_pipeline(config: str | None, overrides: list[str] | None = None, out: str | None = None,
@@ -162,6 +196,9 @@ def run_caption(plan: Plan, services: Services) -> dict:
             cfg = cfg.model_copy(update={"base_url": base_url})
         if not cfg.model and cfg.azure is None:
             raise ValueError("no captioning model: set caption.model in the pipeline file")
+        from captioning.client import probe_endpoint
+
+        probe_endpoint(cfg, batch=cfg.batch_api)  # a closed port or a wrong path fails here, in one line
         save_resolved(cfg, "caption", plan.data)  # DATA/captions holds Parquet parts only
         if cfg.batch_api:
             from captioning import batch
@@ -203,8 +240,12 @@ def run_train(plan: Plan, services: Services) -> dict:
 
 def torchrun_command(plan: Plan) -> list[str]:
     """`torchrun ... -m pipelines.cli train` with the same pipeline file and overrides, resuming if it can."""
-    sets = list(plan.overrides)
-    sets += [f"train.{k}={getattr(plan.cfgs['train'], k)}" for k in ("codec", "text_encoder")]
+    train = plan.cfgs["train"]
+    sets = [o for o in plan.overrides if o.startswith("train.")]  # `lensforge train` refuses other sections
+    sets += [f"train.{k}={getattr(train, k)}" for k in ("codec", "text_encoder")]
+    sets += [f"train.encoders={json.dumps(train.encoders)}"]  # JSON is YAML: --set parses it back
+    if train.buckets is not None:
+        sets += [f"train.buckets={train.buckets.model_dump_json()}"]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.run.nproc_per_node}",
                *plan.run.torchrun_args, "-m", "pipelines.cli", "train", "--data", str(plan.data),
                "--out", str(plan.train_dir), "--resume"]

@@ -7,10 +7,9 @@ Writes RUN/samples/final/: one PNG per prompt (`000.png`, ...), `grid.png`, `pro
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
+from curation.atomic import write_json
 from pipelines.run_config import GridConfig
 
 FINAL_DIR = "samples/final"
@@ -48,23 +47,17 @@ def sample_grid(train_dir: str | Path, grid: GridConfig, train_cfg=None) -> dict
     for i, image in enumerate(images):
         image.save(out / f"{i:03d}.png")
     make_grid(images).save(out / "grid.png")
-    _write_json(out / "prompts.json", {"weights": str(weights), "size": size, "steps": grid.steps, "cfg": grid.cfg,
+    write_json(out / "prompts.json", {"weights": str(weights), "size": size, "steps": grid.steps, "cfg": grid.cfg,
                                       "prompts": prompts})
     summary = {"images": len(images), "weights": str(weights)}
     if items is not None:
         from scenes.adherence import score
 
         result = score(items, images)
-        _write_json(out / "adherence.json", result.to_dict())
+        write_json(out / "adherence.json", result.to_dict())
         (out / "adherence.md").write_text(result.to_markdown() + "\n")
         summary["adherence"] = round(result.overall.mean, 4)
         summary["chance"] = None if result.chance is None else round(result.chance.mean, 4)
         chance = "n/a" if result.chance is None else result.chance.text()
         print(f"sample: prompt adherence {result.overall.text()} (95 % CI), chance {chance}")
     return summary
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from curation.atomic import write_json
 
 MARKER_DIR = ".lensforge/stages"
 
@@ -94,12 +95,8 @@ def _plain(value: Any) -> Any:
 
 
 def mark_done(root: str | Path, stage: str, key: str, summary: dict | None = None, seconds: float = 0.0) -> None:
-    path = marker_path(root, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stage": stage, "key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "seconds": round(seconds, 1), "summary": _plain(summary or {})}, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(marker_path(root, stage), {"stage": stage, "key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                          "seconds": round(seconds, 1), "summary": _plain(summary or {})}, fsync=True)
 
 
 def clear_from(root: str | Path, stages: list[str]) -> None:

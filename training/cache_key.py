@@ -11,7 +11,8 @@ training compares against it.
      "text":  {"text_encoder", "layers", "dim", "max_tokens", "template" (None, or Lens's chat: its system
                message, thinking, date, cut and offset), "weights", "tokenizer", "compute_dtype", "dtype",
                "variants"},
-     "buckets": BucketTable.identity(), "crop", "flip", "resample"}
+     "buckets": BucketTable.identity(), "crop", "flip", "resample",
+     "captions": {variant: {"model", "prompt_id"}}}          # whose captions (captioning.schema.choose_sources)
 
 `weights` / `tokenizer` are `inference.checkpoint.file_fingerprint`s of the directories (`tokenizer` is None when
 it sits with the weights). Training decides the codec and text encoder but not the dtypes, variants (checked
@@ -60,8 +61,10 @@ def table_for(cfg: PrecomputeConfig, codec_multiple: int | None = None) -> Bucke
     return BucketTable(cfg.buckets.base_sides or LENS_BASE_SIDES, cfg.buckets.ratios or LENS_RATIOS, multiple)
 
 
-def encoders_record(cfg: PrecomputeConfig, table: BucketTable | None = None) -> dict:
-    """The encoders.json a precompute run with `cfg` writes."""
+def encoders_record(cfg: PrecomputeConfig, table: BucketTable | None = None,
+                    sources: dict[str, tuple[str, str | None]] | None = None) -> dict:
+    """The encoders.json a precompute run with `cfg` writes; `sources`: {base variant: (model, prompt_id)}, whose
+    captions it encodes (a new captioner's captions make a new shard set beside the old one)."""
     table = table or table_for(cfg)
     return {
         "format": FORMAT_VERSION,
@@ -72,6 +75,7 @@ def encoders_record(cfg: PrecomputeConfig, table: BucketTable | None = None) -> 
         "crop": cfg.crop,
         "flip": cfg.flip,
         "resample": RESAMPLE,
+        "captions": {v: {"model": m, "prompt_id": p} for v, (m, p) in sorted((sources or {}).items())},
     }
 
 

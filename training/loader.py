@@ -1,6 +1,6 @@
 """The training loader: shards → bucket-homogeneous micro-batches, deterministic from (seed, rank, step).
 
-    shards = open_shard_set("data", cfg)                 # refuses shards made with other encoders, naming what differs
+    shards = open_shard_set("data", cfg)                 # refuses other encoders or buckets, or a cut tar, by name
     loader = Loader(shards, cfg, rank=0, world=2)         # Loader(..., state=saved) resumes at a saved position
     batch = loader.next_batch()                           # Batch(bucket, latents (B, C, h, w), text (B, L, D), mask)
     for batch in prefetch(loader, depth=4): ...           # the same batches, prepared by a background thread
@@ -21,6 +21,7 @@ import copy
 import hashlib
 import queue
 import random
+import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,18 @@ import torch
 import webdataset as wds
 
 from inference.config import ModelConfig
+from training.buckets import LENS_BASE_SIDES, LENS_RATIOS, BucketTable
 from training.cache_key import encoder_mismatches, training_key
-from training.shard_format import ENCODERS_FILE, read_encoders, read_index, read_sample
+from training.shard_format import (
+    ENCODERS_FILE,
+    REDO,
+    dict_diff,
+    read_done,
+    read_encoders,
+    read_index,
+    read_sample,
+    tar_mismatch,
+)
 from training.train_config import TrainConfig
 
 
@@ -90,17 +101,20 @@ def open_shard_set(data: str | Path, cfg: TrainConfig, model: ModelConfig | None
     if not candidates:
         raise FileNotFoundError(f"no shard set under {root / 'shards'}: run `lensforge precompute --data {root}`")
     expected = training_key(cfg, encoders=not any_encoders)  # fingerprints the weights once, for every candidate
-    found = {c: encoder_mismatches(read_encoders(c), cfg, model, expected) for c in candidates}
+    records = {c: read_encoders(c) for c in candidates}
+    found = {c: encoder_mismatches(r, cfg, model, expected) + bucket_mismatches(r, cfg) for c, r in records.items()}
     good = [c for c, problems in found.items() if not problems]
     if not good:
         why = " | ".join(f"{c.name}: {'; '.join(p)}" for c, p in found.items())
-        raise ValueError(f"refusing shards made with other encoders than this config's ({why})")
+        raise ValueError(f"refusing shards whose encoders.json differs from this config ({why})")
     if len(good) > 1:
         raise ValueError(f"several shard sets fit this config ({', '.join(c.name for c in good)}): "
                          "choose one with train.data.shard_set")
     set_dir = good[0]
-    encoders, index = read_encoders(set_dir), read_index(set_dir)
+    encoders, index = records[set_dir], read_index(set_dir)
     factor = int(encoders.get("codec", {}).get("factor", 1))
+    for shard in index["shard"]:
+        check_shard(set_dir / shard)
     buckets = {}
     for name, rows in index.groupby("bucket", sort=True):
         width, height = (int(v) for v in str(name).split("x"))
@@ -113,12 +127,41 @@ def open_shard_set(data: str | Path, cfg: TrainConfig, model: ModelConfig | None
     return ShardSet(set_dir, encoders, buckets)
 
 
+def bucket_mismatches(encoders: dict, cfg: TrainConfig) -> list[str]:
+    """Where the shards' bucket table differs from the one `train.buckets` names ([] when it names none). Its
+    `multiple` unset means the codec's, which the codec comparison already covers: the shards' is taken then."""
+    if cfg.buckets is None:
+        return []
+    found = encoders.get("buckets", {})
+    named = BucketTable(cfg.buckets.base_sides or LENS_BASE_SIDES, cfg.buckets.ratios or LENS_RATIOS,
+                        cfg.buckets.multiple or found.get("multiple", 1)).identity()
+    fields = ("base_sides", "ratios", "multiple")  # the sizes follow from these three
+    return dict_diff({k: found.get(k) for k in fields}, {k: named[k] for k in fields}, "buckets")
+
+
+def check_shard(tar: Path) -> None:
+    """Refuse a shard whose tar is gone or cut (not the size its done marker records) before training starts."""
+    if not tar.is_file():
+        why = f"{tar} is missing"
+    else:  # a set without markers (made by hand, or by tests/training/scene_shards.py) has only the tar to check
+        record = read_done(tar)
+        why = tar_mismatch(tar, record) if record is not None else None
+    if why:
+        raise ValueError(f"shard {why} (changed since precompute wrote it): rerun `lensforge precompute` with the "
+                         "same settings to redo it")
+
+
 # --- one bucket's endless stream, for one rank --------------------------------------------------------------------
 
 
 def raw_samples(path: str) -> Iterator[dict]:
-    """The records of one tar, undecoded (webdataset: `__key__` plus one bytes value per member)."""
-    yield from wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
+    """The records of one tar, undecoded (webdataset: `__key__` plus one bytes value per member); a tar that
+    cannot be read to its end is a ValueError naming it."""
+    try:
+        yield from wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
+    except tarfile.TarError as err:  # webdataset appends the stream and the URL to tarfile's own message
+        reason = str(err.args[0] if err.args else err).partition(" @ ")[0]
+        raise ValueError(f"shard {path} is truncated or corrupt (tar: {reason}); {REDO}") from None
 
 
 class BucketStream:

@@ -48,7 +48,7 @@ def fresh_adapter(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def build_model(cfg: TrainConfig, model_cfg: ModelConfig, weights: DenoiserSource | None,
                 adapters: dict[str, torch.Tensor] | None, d: Dist, bf16: bool) -> nn.Module:
     sharded = cfg.parallel.strategy == "fsdp" and d.enabled and d.world > 1
-    if sharded and (weights is not None or cfg.lora is not None):
+    if sharded and weights is not None:  # a LoRA always has weights: TrainConfig refuses lora without init_from
         return _build_sharded(cfg, model_cfg, weights, adapters, d, bf16)
     if weights is not None:  # a LoRA's frozen base straight in its dtype (bf16 on a GPU: no fp32 copy on the way)
         dtype = lora.base_dtype(cfg.lora, d.device) if cfg.lora is not None else torch.float32
@@ -74,10 +74,8 @@ def shard_rows(n: int, d: Dist) -> tuple[int, int]:
     return start, min(n, start + chunk)
 
 
-def _build_sharded(cfg: TrainConfig, model_cfg: ModelConfig, weights: DenoiserSource | None,
+def _build_sharded(cfg: TrainConfig, model_cfg: ModelConfig, weights: DenoiserSource,
                    adapters: dict[str, torch.Tensor] | None, d: Dist, bf16: bool) -> nn.Module:
-    if weights is None:  # a fresh LoRA base makes no sense (TrainConfig refuses lora without init_from)
-        raise ValueError("a sharded model is built from weights or from a fresh full init, not both")
     if weights.adapters:
         raise ValueError(f"{weights.files[0]}: a LoRA source cannot be loaded sharded; merge it first "
                          "(lensforge export --merge-lora) and start from the merged weights")

@@ -19,7 +19,6 @@ Steps (kill at any moment and rerun the same command: only unfinished shards are
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from curation.atomic import atomic_path, publish, write_json, write_text
 from curation.ray_runtime import init_ray
 from training.bucket_report import format_buckets, write_bucket_report
 from training.buckets import BucketTable
@@ -38,12 +38,21 @@ from training.precompute_plan import (
     assign_buckets,
     assign_shards,
     caption_column,
+    caption_sources,
     locate_images,
     read_candidates,
     shard_hashes,
 )
 from training.precompute_workers import Encoder, decode_batch, probe_encoders
-from training.shard_format import ERRORS_FILE, INDEX_FILE, shard_set_id, write_encoders
+from training.shard_format import (
+    ERRORS_FILE,
+    INDEX_FILE,
+    done_marker,
+    read_done,
+    shard_set_id,
+    tar_mismatch,
+    write_encoders,
+)
 
 PADDED_TOKENS = 512  # the padded layout the estimate compares against (GPT-OSS's 512-token limit)
 TAR_OVERHEAD = 3 * 512 + 3 * 256 + 512  # per sample: 3 member headers, average padding, safetensors header
@@ -103,18 +112,24 @@ def check_budget(est: dict, cfg: PrecomputeConfig, remaining_bytes: float, out: 
 
 
 def marker_path(set_dir: Path, shard: str) -> Path:
-    return set_dir / shard.replace(".tar", ".done.json")
+    return done_marker(set_dir / shard)
 
 
 def shard_done(set_dir: Path, shard: str, plan_hash: str) -> bool:
-    marker = marker_path(set_dir, shard)
-    if not (marker.is_file() and (set_dir / shard).is_file()):
-        return False
-    return json.loads(marker.read_text()).get("plan") == plan_hash
+    """Done with this plan: its marker is for the plan and vouches for the tar (there, with the size recorded)."""
+    record = read_done(set_dir / shard)
+    return record is not None and record.get("plan") == plan_hash and tar_mismatch(set_dir / shard, record) is None
 
 
 def _clean(set_dir: Path, hashes: dict[str, str]) -> None:
-    """Remove temporary files, and tars/markers that are not in this plan or are not done with it."""
+    """Remove temporary files, and tars/markers that are not in this plan or are not done with it; a marker of
+    this plan whose tar is gone or cut is said, in one line, before its shard is redone."""
+    for shard, plan_hash in hashes.items():
+        record = read_done(set_dir / shard)
+        if record is not None and record.get("plan") == plan_hash and (why := tar_mismatch(set_dir / shard, record)):
+            print(f"precompute: {why}: redoing {shard}")
+    for path in set_dir.glob("*/.shard-*.tmp"):  # a marker a kill caught mid-write (curation/atomic.py's names)
+        path.unlink()
     for path in set_dir.glob("*/shard-*"):
         shard = f"{path.parent.name}/{path.name.replace('.done.json', '.tar').removesuffix('.tmp')}"
         if path.suffix == ".tmp" or shard not in hashes or not shard_done(set_dir, shard, hashes[shard]):
@@ -153,12 +168,10 @@ class ShardWriter:
         state["tar"].close()
         state["stream"].close()
         final = self.set_dir / shard
-        os.replace(state["tmp"], final)
-        marker = marker_path(self.set_dir, shard)
+        publish(state["tmp"], final, fsync=True)  # the tar on disk before the marker that vouches for it
         record = {"shard": shard, "plan": self.hashes[shard], "samples": state["samples"],
                   "bytes": final.stat().st_size, "errors": state["errors"]}
-        marker.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-        os.replace(marker.with_suffix(".tmp"), marker)
+        write_json(marker_path(self.set_dir, shard), record, fsync=True)
         self.finished += 1
 
 
@@ -217,9 +230,8 @@ def write_outputs(set_dir: Path, hashes: dict, table: BucketTable, plan_errors: 
     index_df = pd.DataFrame(index, columns=["shard", "bucket", "base", "ratio", "samples", "bytes"])
     errors_df = pd.DataFrame(errors, columns=["key", "stage", "error", "shard"]).astype(str).replace("None", None)
     for df, name in ((index_df, INDEX_FILE), (errors_df, ERRORS_FILE)):
-        tmp = set_dir / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-        os.replace(tmp, set_dir / name)
+        with atomic_path(set_dir / name) as tmp:
+            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
     return index_df, errors_df
 
 
@@ -245,10 +257,15 @@ def precompute(data: str | Path, cfg: PrecomputeConfig, ray_address: str | None 
     timings: dict = {}
     started = time.perf_counter()
     table = table_for(cfg)
-    record = encoders_record(cfg, table)  # a wrong spec or path fails here, in one line, before Ray starts
-    rows, skipped = read_candidates(data, cfg.variants)
-    print(f"precompute: {len(rows):,} kept images with every variant of {cfg.variants}; "
+    sources = caption_sources(data, cfg.variants, cfg.caption_model, cfg.caption_prompts)
+    record = encoders_record(cfg, table, sources)  # a wrong spec or path fails here, in one line, before Ray starts
+    rows, skipped = read_candidates(data, cfg.variants, sources)
+    by = "".join(f"; {v} by {m} ({p})" for v, (m, p) in sources.items())
+    print(f"precompute: {len(rows):,} kept images with every variant of {cfg.variants}{by}; "
           f"{sum(skipped.values()):,} skipped" + (f" ({dict(skipped)})" if skipped else ""))
+    if rows.empty:
+        raise ValueError(f"precompute: nothing to encode: no kept image of {data} has every variant of "
+                         f"{cfg.variants} ({dict(skipped) or 'no kept images'}); run `lensforge caption` first")
     init_ray(ray_address)
     probe = _probe(cfg, rows)
     timings["probe_s"] = round(time.perf_counter() - started, 3)
@@ -268,8 +285,8 @@ def precompute(data: str | Path, cfg: PrecomputeConfig, ray_address: str | None 
     todo = rows[~rows["shard"].map(lambda s: shard_done(set_dir, s, hashes[s]))]
     check_budget(est, cfg, est["per_sample"] * len(todo), set_dir)
     write_encoders(set_dir, record)
-    (set_dir / "config.precompute.yaml").write_text(
-        yaml.safe_dump({"precompute": json.loads(cfg.model_dump_json())}, sort_keys=False))
+    write_text(set_dir / "config.precompute.yaml",
+               yaml.safe_dump({"precompute": json.loads(cfg.model_dump_json())}, sort_keys=False))
     print(f"precompute: shard set {set_dir} — {len(hashes)} shards, {len(hashes) - todo['shard'].nunique()} "
           f"already done, {len(todo):,} images to encode")
     if len(todo):
@@ -281,7 +298,7 @@ def precompute(data: str | Path, cfg: PrecomputeConfig, ray_address: str | None 
     timings["total_s"] = round(time.perf_counter() - started, 3)
     summary = {"set_id": set_dir.name, "samples": int(index["samples"].sum()), "errors": len(errors),
                "skipped": dict(skipped), "small_buckets": changes, "estimate": est, "seconds": timings}
-    (data / "reports" / "precompute.json").write_text(json.dumps(summary, indent=1, default=float))
+    write_json(data / "reports" / "precompute.json", summary, default=float)
     print(f"precompute: {summary['samples']:,} samples in {len(index)} shards, {len(errors)} errors "
           f"({set_dir / ERRORS_FILE}); report at {report}")
     return set_dir

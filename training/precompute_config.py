@@ -45,6 +45,11 @@ class PrecomputeConfig(_Strict):
     text_date: str = Field("2025-08-05", description="the chat's 'Current date' (YYYY-MM-DD) for gpt-oss encoders")
     variants: list[str] = Field(["dense"], min_length=1, description="caption variants; `alt` = the manifest's alt; "
                                 "`dense@15` = dense cut to its first 15 words (training/caption_variants.py)")
+    # Whose captions (captioning/schema.py, `choose_sources`); the choice goes into encoders.json.
+    caption_model: str | None = Field(None, description="read this captioner's captions (caption.model); None = "
+                                      "the only captioner DATA's ok captions hold")
+    caption_prompts: dict[str, str] = Field({}, description="variant → prompt_id to read; default: the only one, "
+                                            "or the built-in preset's current version")
     codec_dtype: Literal["float32", "bfloat16"] = Field("float32", description="the codec's compute dtype")
     text_encoder_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="the text encoder's compute dtype (bfloat16 for GPT-OSS-20B on a GPU)")

@@ -1,6 +1,7 @@
 """Precompute's first pass, on the driver and before any pixel is decoded: which samples, which bucket, which shard.
 
-    rows, skipped = read_candidates(data, ["dense", "alt"])   # kept manifest rows with every variant ok
+    sources = caption_sources(data, ["dense", "alt"], model="gpt-4.1")  # {"dense": ("gpt-4.1", "dense@…")}
+    rows, skipped = read_candidates(data, ["dense", "alt"], sources)  # kept manifest rows with every variant ok
                                                               # (`dense@15`: dense cut to 15 words, caption_variants)
     rows, errors = locate_images(data, rows)                  # tar offsets (one header scan per download tar)
     rows, changes = assign_buckets(rows, table, min_samples=64, policy="merge")
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from captioning.schema import ALT_VARIANT, STATUS_OK, latest_captions
+from captioning.schema import ALT_VARIANT, STATUS_OK, choose_sources, latest_captions
 from curation.decode import displayed_size
 from curation.download import tar_index
 from curation.manifest import read_manifest
@@ -37,15 +38,26 @@ def caption_column(variant: str) -> str:
     return f"caption.{variant}"
 
 
-def read_candidates(data: str | Path, variants: list[str]) -> tuple[pd.DataFrame, Counter]:
+def caption_sources(data: str | Path, variants: list[str], model: str | None = None,
+                    prompt_ids: dict[str, str] | None = None) -> dict[str, tuple[str, str | None]]:
+    """{base variant: (model, prompt_id)} whose captions precompute reads (`captioning.schema.choose_sources`);
+    alt is the manifest's and has none."""
+    bases = sorted({split_variant(v)[0] for v in variants} - {ALT_VARIANT})
+    return choose_sources(data, bases, model, prompt_ids) if bases else {}
+
+
+def read_candidates(data: str | Path, variants: list[str],
+                    sources: dict[str, tuple[str, str | None]] | None = None) -> tuple[pd.DataFrame, Counter]:
     """Kept manifest rows that have every requested variant ok (alt: a non-null alt text), in key order, with a
     `caption.<variant>` column each; and the skipped keys counted by their first missing variant and why.
-    `<base>@<N>` is the base variant's caption cut to its first N words (training/caption_variants.py)."""
+    `<base>@<N>` is the base variant's caption cut to its first N words (training/caption_variants.py). `sources`
+    (`caption_sources`, computed when None): whose captions; a base variant without one is not captioned."""
     bases = {variant: split_variant(variant)[0] for variant in variants}
+    sources = caption_sources(data, variants) if sources is None else sources
     manifest = read_manifest(data, columns=MANIFEST_COLUMNS)
     manifest = manifest.filter(pc.fill_null(manifest["keep"], False)).sort_by("key").to_pandas()
     manifest = manifest.rename(columns={"shard": "shard_in"})  # `shard` will name the output shard
-    captions = latest_captions(data).to_pandas() if set(bases.values()) - {ALT_VARIANT} else None
+    captions = latest_captions(data, sources).to_pandas() if set(bases.values()) - {ALT_VARIANT} else None
     ok = pd.Series(True, index=manifest.index)
     skipped: Counter = Counter()
     for variant, base in bases.items():
@@ -57,7 +69,8 @@ def read_candidates(data: str | Path, variants: list[str]) -> tuple[pd.DataFrame
             status = manifest["key"].map(rows["status"])
             text = manifest["key"].map(rows["text"])
             missing = (status != STATUS_OK) | text.isna()
-            reason = status.fillna("not captioned")
+            by = f" by {sources[base][0]} ({sources[base][1]})" if base in sources else ""
+            reason = status.fillna("not captioned" + by)
         manifest[caption_column(variant)] = text if variant == base else text.map(lambda t: variant_text(t, variant))
         for why, n in reason[missing & ok].value_counts().items():
             skipped[f"{variant}: {why}"] += int(n)

@@ -4,10 +4,12 @@ Layout under DATA/shards/:
 
     <set_id>/encoders.json                     the cache key (fields: training/cache_key.py); set_id = sha256 of
                                                its canonical JSON, first 12 hex digits
-    <set_id>/index.parquet                     one row per shard: path, bucket, base, samples, bytes
+    <set_id>/index.parquet                     one row per shard: path, bucket, base, samples, bytes (the tar's)
     <set_id>/errors.parquet                    one row per sample that could not be made: key, stage, error
     <set_id>/<W>x<H>/shard-000000.tar          webdataset tars, one aspect bucket per folder
-    <set_id>/<W>x<H>/shard-000000.done.json    completion marker, written after the tar (precompute's resume)
+    <set_id>/<W>x<H>/shard-000000.done.json    completion marker, written after the tar: {"shard", "plan",
+                                               "samples", "bytes" (the tar's size), "errors"}; it vouches for the
+                                               tar only while the tar has that size (`tar_mismatch`)
 
 A set with other encoders gets another set_id, so a rerun with another codec, text encoder, dtype or bucket table
 writes beside the old shards instead of mixing with them; training calls `check_encoders` before reading.
@@ -36,18 +38,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from curation.atomic import write_json
 
 FORMAT_VERSION = 2  # 2: Lens's chat for gpt-oss (template, date, offset in the key), no token-id samples
 ENCODERS_FILE = "encoders.json"
 INDEX_FILE = "index.parquet"
 ERRORS_FILE = "errors.parquet"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# What to do about a shard that is cut short or corrupt: precompute redoes every shard without a trusted marker.
+REDO = "delete it and rerun `lensforge precompute` with the same settings (it redoes missing shards)"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
@@ -103,11 +109,16 @@ def write_sample(sink, key: str, latent: torch.Tensor, meta: dict, **kwargs) -> 
 
 def read_sample(sample: dict) -> dict:
     """A webdataset sample (raw bytes, or `meta.json` already decoded) → {"key", "latent", "text", "meta"}.
-    `text[variant]`: (L, D) bfloat16 (fp8 dequantized to bfloat16)."""
-    blob = sample["tensors.safetensors"]
-    tensors = st_load(bytes(blob)) if isinstance(blob, (bytes, bytearray, memoryview)) else blob
-    meta = sample["meta.json"]
-    meta = json.loads(meta) if isinstance(meta, (bytes, bytearray, str)) else meta
+    `text[variant]`: (L, D) bfloat16 (fp8 dequantized to bfloat16). A sample cut short (a member missing or
+    unreadable: a truncated tar) is a ValueError naming its shard (`__url__`, as webdataset sets it)."""
+    try:
+        blob, meta = sample["tensors.safetensors"], sample["meta.json"]
+        tensors = st_load(bytes(blob)) if isinstance(blob, (bytes, bytearray, memoryview)) else blob
+        meta = json.loads(meta) if isinstance(meta, (bytes, bytearray, str)) else meta
+    except (KeyError, ValueError, SafetensorError) as err:
+        where = f"shard {sample['__url__']}" if "__url__" in sample else "a shard"
+        raise ValueError(f"sample {sample.get('__key__')} of {where} is incomplete or unreadable ({err!r}): the "
+                         f"tar is truncated or corrupt; {REDO}") from None
     text = {}
     for name, value in tensors.items():
         kind, _, variant = name.partition(".")
@@ -121,12 +132,7 @@ def read_sample(sample: dict) -> dict:
 
 
 def write_encoders(shard_set_dir: str | Path, encoders: dict) -> Path:
-    path = Path(shard_set_dir) / ENCODERS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(encoders, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(shard_set_dir) / ENCODERS_FILE, encoders, fsync=True, sort_keys=True)
 
 
 def read_encoders(shard_set_dir: str | Path) -> dict:
@@ -159,6 +165,34 @@ def check_encoders(shard_set_dir: str | Path, expected: dict) -> dict:
     if diffs:
         raise ValueError(f"shards at {shard_set_dir} do not match this config's encoders: " + "; ".join(diffs))
     return found
+
+
+def done_marker(tar: str | Path) -> Path:
+    """`shard-000000.done.json` beside `shard-000000.tar`."""
+    tar = Path(tar)
+    return tar.with_name(tar.name.removesuffix(".tar") + ".done.json")
+
+
+def read_done(tar: str | Path) -> dict | None:
+    """The done marker's record of a tar, or None when there is none (or it is unreadable: the shard is redone)."""
+    try:
+        record = json.loads(done_marker(tar).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def tar_mismatch(tar: str | Path, record: dict) -> str | None:
+    """Why a done marker cannot vouch for its tar: the tar is gone or not the size the marker records (a cut
+    or replaced file); None when it is as recorded. A marker is never trusted over the data."""
+    tar = Path(tar)
+    if not tar.is_file():
+        return f"{tar} is missing"
+    size, recorded = tar.stat().st_size, record.get("bytes")
+    if size != recorded:
+        return f"{tar} is {size:,} bytes, its done marker records " + (
+            f"{recorded:,}" if isinstance(recorded, int) else "no size")
+    return None
 
 
 def read_index(shard_set_dir: str | Path):

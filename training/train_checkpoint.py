@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from curation.atomic import sync_dir, sync_tree
 from inference.checkpoint import SPEC_FILE, STEP_DIR, CheckpointSpec, save_checkpoint, step_dir_name, step_of
 from inference.lora import ADAPTER_FILES, LORA_KEY, LoraInfo, save_adapter
 from inference.mmdit import MMDiT
@@ -136,9 +137,11 @@ def save(run: str | Path, step: int, model: nn.Module, optim: torch.optim.Optimi
             save_checkpoint(tmp, plain, spec, ema=ema_state)
         state = {"step": step, "world_size": d.world, **extra, "ranks": ranks}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        sync_tree(tmp)  # every rank's files on disk before the step counts as saved (state: fsynced)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        sync_dir(final.parent)
         for old in complete_checkpoints(run)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     d.barrier()

@@ -4,6 +4,7 @@
       preset: small
       model: {prediction: x}                 # any ModelConfig field, over the preset
       data: {captions: {dense: 0.5, alt: 0.5}, batch_sizes: {512: 24, 768: 10, 1024: 6}}
+      buckets: {base_sides: [512, 768, 1024]}   # the shards' table must be this one (precompute.buckets)
       optim: {lr: 2.0e-4, betas: [0.9, 0.999], grad_clip: 1.0}
       parallel: {strategy: fsdp, activation_checkpointing: true}
       init_from: /models/Lens                # fine-tune: a release, transformer/ folder, single file or run
@@ -21,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inference.config import ModelConfig, get_preset, list_models
+from training.precompute_config import BucketsConfig
 
 
 class _Strict(BaseModel):
@@ -108,7 +110,7 @@ class SampleConfig(_Strict):
         "One object on a plain white background. A large green star in the middle left.",
     ], min_length=1)
     steps: int = Field(25, ge=1)
-    cfg: float = Field(4.0, ge=0)
+    cfg: float = Field(4.0, ge=0, allow_inf_nan=False)
     seed: int = 0
     size: int | None = Field(None, ge=16, description="square side in pixels; None = the model's base_size")
 
@@ -119,6 +121,8 @@ class TrainConfig(_Strict):
     codec: str = Field("pixel", description="what the shards' latents were made with; sampling uses it")
     text_encoder: str = Field("minilm", description="what the shards' text features were made with")
     encoders: dict[str, Any] = Field({}, description="further encoders.json fields the shards must match")
+    buckets: BucketsConfig | None = Field(None, description="the bucket table the shards must have been made with "
+                                          "(precompute.buckets' fields); None = whichever the shards have")
     init_from: str | None = Field(None, description="start from these weights (anything `load_denoiser` reads: a "
                                   "Lens release, its transformer/ folder, a single file, a lensforge run or "
                                   "checkpoint) at step 0, fresh optimizer, EMA from them; the model is theirs")

@@ -17,7 +17,6 @@ checkpoint as it was.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from curation.atomic import write_json
 from inference.checkpoint import CheckpointSpec, DenoiserSource, describe_denoiser, source_fingerprint
 from inference.flow import RectifiedFlow
 from inference.lora import LoraInfo
@@ -192,7 +192,7 @@ class Trainer:
                     "lora": self.lora_info.model_dump() if self.lora_info else None,
                     "data": str(data), "shard_set": str(self.shards.root), "samples": self.shards.samples,
                     "world_size": self.d.world, "device": str(self.device), "bf16": self.bf16}
-        (self.run / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+        write_json(self.run / "config.json", resolved)
         trainable, total = sum(p.numel() for p in self.params), sum(p.numel() for p in self.model.parameters())
         start = f", from {self.init.kind} {self.cfg.init_from}" if self.init else ""
         tuned = f", LoRA r {self.cfg.lora.rank}: {trainable:,} of {total:,} parameters train" if self.cfg.lora else ""

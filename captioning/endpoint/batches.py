@@ -30,6 +30,7 @@ from pathlib import Path
 
 from captioning.endpoint.describe_request import RequestError, caption, completion_body, read_request
 from captioning.endpoint.faults import FaultInjector
+from curation.atomic import write_json
 
 BATCH_ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
@@ -95,9 +96,7 @@ class Store:
 
     @staticmethod
     def _write(path: Path, obj: dict) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(obj))
-        tmp.replace(path)  # a crash never leaves half an object
+        write_json(path, obj)  # a crash never leaves half an object
 
 
 def page(items: list[dict], after: str | None, limit: int) -> dict:

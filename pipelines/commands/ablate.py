@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     config = args.config or str(DEMO_CONFIG)
-    base = load_section("train", config, args.overrides, preset=args.preset)
+    base = load_section("train", config, args.overrides, reads=("train",), preset=args.preset)
     settings = AblateSettings(
         study=args.study, variants=[v.strip() for v in args.variants.split(",") if v.strip()], seeds=args.seeds,
         steps=args.steps, sweep_words=args.sweep_words, sweep_base=args.sweep_base, per_category=args.per_category,

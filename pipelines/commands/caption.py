@@ -4,6 +4,8 @@
 Re-captions every kept image of DATA/manifest into DATA/captions/part-*.parquet; rerun the same command to finish
 what is left. The API key is read from the environment variable named by caption.api_key_env (OPENAI_API_KEY).
 SIGTERM / SIGINT stop it cleanly (the requests in flight get caption.drain_s) with exit code 143 / 130.
+Before any work the endpoint is probed once (captioning/client.py's probe_endpoint): a refused connection, a wrong
+path (404) or a rejected key ends the command in one line with exit code 2, before any row is written.
 """
 
 from __future__ import annotations
@@ -50,20 +52,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from captioning.client import probe_endpoint
     from captioning.pipeline import caption
     from captioning.worker import Stopped
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    cfg = load_section("caption", args.config, args.overrides, base_url=args.base_url, model=args.model,
-                       variants=variants, max_cost_usd=args.max_cost_usd, batch_api=args.batch_api,
+    cfg = load_section("caption", args.config, args.overrides, reads=("caption",), base_url=args.base_url,
+                       model=args.model, variants=variants, max_cost_usd=args.max_cost_usd, batch_api=args.batch_api,
                        workers=args.workers, concurrency=args.concurrency)
     if not cfg.model and cfg.azure is None:
         raise ValueError("no model: pass --model (e.g. gpt-4.1-mini) or set caption.model")
     if cfg.batch_api and not args.dry_run:
         return run_batch_api(args, cfg)
-    if args.dry_run:
+    if args.dry_run:  # sends nothing, so needs no endpoint
         caption(args.data, cfg, dry=True)
         return 0
+    probe_endpoint(cfg)
     save_resolved(cfg, "caption", args.data)  # beside config.curate.yaml: DATA/captions holds Parquet parts only
     try:
         caption(args.data, cfg)
@@ -76,7 +80,10 @@ def _run(args: argparse.Namespace) -> int:
 def run_batch_api(args: argparse.Namespace, cfg) -> int:
     """The Batch API path (captioning/batch.py): online batches, or JSONL files for an offline engine."""
     from captioning import batch
+    from captioning.client import probe_endpoint
 
+    if not (args.batch_offline_dir or args.batch_offline_results):  # an offline engine's files need no endpoint
+        probe_endpoint(cfg, batch=True)
     save_resolved(cfg, "caption", args.data)  # beside config.curate.yaml: DATA/captions holds Parquet parts only
     if args.batch_offline_dir:
         files = batch.write_batch_input(args.data, cfg, args.batch_offline_dir)

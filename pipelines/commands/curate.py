@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from curation.pipeline import curate
 
     allow = [h.strip() for h in args.allow_hosts.split(",") if h.strip()] if args.allow_hosts else None
-    cfg = load_section("curate", args.config, args.overrides, allow_hosts=allow)
+    cfg = load_section("curate", args.config, args.overrides, reads=("curate",), allow_hosts=allow)
     with data_lock(args.out, "curate"):
         save_resolved(cfg, "curate", args.out)
         curate(args.urls, args.out, cfg, ray_address=args.ray_address)

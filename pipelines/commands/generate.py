@@ -13,14 +13,21 @@ OUT/generate.json with every setting, the checkpoint and each image's prompt and
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
+
+from curation.atomic import write_json
 
 NAME = "generate"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 HELP = "sample images from a checkpoint (a run's latest step, EMA preferred, or one step directory)"
+# The CPU's rate for the slow-sampling warning: the developers' 2-core VM ran BENCHMARKS.md's `small` train step
+# (6 · 43.4 M parameters · 288 tokens · batch 4 FLOPs) in 1.19 s, about 250 GFLOP/s.
+CPU_FLOPS = 250e9
+SLOW_STEP_S = 10.0  # warn above this many seconds a sampling step
 
 # Lens's "reasoner": an LLM expands a short prompt into the dense caption style the model was trained on.
 REWRITE_PROMPT = (
@@ -123,22 +130,46 @@ def check_args(args: argparse.Namespace) -> None:
     for name, low in ("steps", 1), ("n", 1), ("batch_size", 1):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ {low}")
-    if args.cfg < 0:
-        raise ValueError("--cfg must be ≥ 0")
+    if not math.isfinite(args.cfg) or args.cfg < 0:  # nan or inf: every latent NaN, a black image
+        raise ValueError(f"--cfg {args.cfg}: must be a finite number ≥ 0 (1 = no guidance)")
+
+
+def parse_loras(texts: list[str]) -> list[tuple[Path, float]]:
+    """--lora FILE[:SCALE] arguments → (file, scale), each scale a finite number (NaN would blacken the image)."""
+    from inference.lora import parse_lora_arg
+
+    loras = [parse_lora_arg(text) for text in texts]
+    for (file, scale), text in zip(loras, texts):
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {text}: the scale of {file} must be a finite number")
+    return loras
+
+
+def warn_if_slow(pipe, width: int, height: int, cfg: float, batch: int, steps: int) -> None:
+    """One line on stderr when sampling on the CPU will take long: the FLOPs of a step (`Pipeline.step_flops` ×
+    `batch` images) at CPU_FLOPS, above SLOW_STEP_S; `steps`: sampling steps in all. A lower bound (attention left
+    out), so on a machine as slow as the developers' the warning is never a false one."""
+    if pipe.device.type != "cpu":
+        return
+    per_step = pipe.step_flops(width, height, cfg) * batch / CPU_FLOPS
+    if per_step > SLOW_STEP_S:
+        print(f"generate: warning: {width}x{height} on the CPU takes about {per_step:,.0f} s a sampling step, "
+              f"{per_step * steps / 60:,.0f} min for all {steps} (estimated at {CPU_FLOPS / 1e9:.0f} GFLOP/s): "
+              "a GPU (--device cuda) or a smaller --size is far faster", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from curation.progress import progress_bar
     from inference.checkpoint import describe_denoiser, latest_step_dir, stored_dtype
     from inference.generate import Pipeline, make_grid, parse_size, size_for_aspect, validate_size
-    from inference.lora import parse_lora_arg
 
     check_args(args)
     prompts = read_prompts(args)
+    loras = parse_loras(args.lora)
     where = latest_step_dir(args.run) if args.run else args.checkpoint  # --run: its latest step, or an error
-    source = describe_denoiser(where, prefer_ema=not args.no_ema)
-    source = source.with_adapters([parse_lora_arg(text) for text in args.lora])
+    source = describe_denoiser(where, prefer_ema=not args.no_ema).with_adapters(loras)
     base = args.base_size or source.spec.model.base_size
     if args.size:
         width, height = parse_size(args.size)
@@ -155,9 +186,13 @@ def run(args: argparse.Namespace) -> int:
                                 text_encoder=args.text_encoder, date=args.date, offload=args.offload,
                                 noise_layout=args.noise, text_device=args.text_device)
     jobs = [(i, k) for i in range(len(prompts)) for k in range(args.n)]
+    batches = math.ceil(len(jobs) / args.batch_size)
+    warn_if_slow(pipe, width, height, args.cfg, min(args.batch_size, len(jobs)), args.steps * batches)
     start = time.perf_counter()
-    images = pipe.generate([rewritten[i] for i, _ in jobs], width, height, steps=args.steps, cfg=args.cfg,
-                           seeds=[args.seed + k for _, k in jobs], negative=args.negative, batch_size=args.batch_size)
+    with progress_bar(total=args.steps * batches, desc="generate", unit="step") as bar:
+        images = pipe.generate([rewritten[i] for i, _ in jobs], width, height, steps=args.steps, cfg=args.cfg,
+                               seeds=[args.seed + k for _, k in jobs], negative=args.negative,
+                               batch_size=args.batch_size, on_step=bar.update)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -179,6 +214,6 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - start, 2),
         "images": records,
     }
-    (out / "generate.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(out / "generate.json", settings, indent=2)
     print(f"{len(images)} images of {width}x{height} in {settings['seconds']} s → {out}")
     return 0

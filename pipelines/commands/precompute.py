@@ -1,5 +1,5 @@
 """`lensforge precompute --data DATA [--codec pixel|flux2:PATH] [--text-encoder NAME|PATH] [--variants dense,short,alt]
-[--config F] [--ray-address ADDR]`"""
+[--caption-model MODEL] [--config F] [--ray-address ADDR]`"""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=None, metavar="V,...",
                         help="caption variants to encode, e.g. dense,short,alt (alt = the original alt text; "
                         "dense@15 = the dense caption cut to its first 15 words)")
+    parser.add_argument("--caption-model", default=None, metavar="MODEL",
+                        help="encode this captioner's captions (default: the only one DATA holds)")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local runtime")
     add_config_args(parser)
 
@@ -28,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from training.precompute import precompute
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    cfg = load_section("precompute", args.config, args.overrides, codec=args.codec,
-                       text_encoder=args.text_encoder, variants=variants)
+    cfg = load_section("precompute", args.config, args.overrides, reads=("precompute",), codec=args.codec,
+                       text_encoder=args.text_encoder, variants=variants, caption_model=args.caption_model)
     with data_lock(args.data, "precompute"):
         precompute(args.data, cfg, ray_address=args.ray_address)
     return 0

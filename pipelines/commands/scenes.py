@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from scenes.dataset import fault_counts, render_dataset
 
-    cfg = load_section("scenes", args.config, args.overrides, n=args.n, size=args.size, seed=args.seed,
-                       faults=args.faults, base_url=args.base_url)
+    cfg = load_section("scenes", args.config, args.overrides, reads=("scenes",), n=args.n, size=args.size,
+                       seed=args.seed, faults=args.faults, base_url=args.base_url)
     urls = render_dataset(cfg, args.out)
     save_resolved(cfg, "scenes", args.out)
     counts = fault_counts(urls)

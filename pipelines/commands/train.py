@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_section("train", args.config, args.overrides, preset=args.preset, max_steps=args.max_steps,
-                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, init_from=args.init_from)
+    cfg = load_section("train", args.config, args.overrides, reads=("train",), preset=args.preset,
+                       max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                       init_from=args.init_from)
     import contextlib
     import os
 

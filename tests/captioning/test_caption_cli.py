@@ -2,45 +2,24 @@
 the budget stop, the dry run, user errors, Ray workers, and the API key never written under DATA."""
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
 from captioning.schema import read_captions
 from captioning.tokens import image_tokens, text_tokens
 from pipelines import cli
-
-
-REPO = Path(__file__).resolve().parents[2]
-# `caption` may not be in cli.COMMAND_MODULES yet: add it for the subprocess as the tests do in-process.
-BOOT = ("import sys, pipelines.cli as c; 'caption' in c.COMMAND_MODULES or c.COMMAND_MODULES.append('caption'); "
-        "sys.exit(c.main(sys.argv[1:]))")
+from tests.captioning.caption_runs import assert_each_ok_once, caption_args, ok_rows, start_caption
 
 
 @pytest.fixture
-def lensforge(monkeypatch):
-    if "caption" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "caption"])
+def lensforge():
     return cli.main
 
 
-def args(data, base_url, *extra, model="gpt-4.1-mini"):
-    return ["caption", "--data", str(data), "--base-url", base_url, "--model", model, *extra]
-
-
-def ok_rows(data) -> pd.DataFrame:
-    rows = read_captions(data).to_pandas()
-    return rows[rows["status"] == "ok"]
-
-
-def assert_each_ok_once(data, keys, variants):
-    ok = ok_rows(data)
-    assert sorted(zip(ok["key"], ok["variant"])) == sorted((k, v) for k in keys for v in variants)
+args = caption_args
 
 
 def assert_secret_nowhere(data: Path, secret: str):
@@ -67,6 +46,23 @@ def test_whole_job_then_rerun_sends_nothing(lensforge, cap_endpoint, cap_data, k
     assert_secret_nowhere(cap_data, cap_secret)
 
 
+def test_a_new_captioner_captions_anew_beside_the_old_rows(lensforge, cap_endpoint, cap_data, kept_keys, capsys):
+    handle, base_url = cap_endpoint
+    assert lensforge(args(cap_data, base_url, "--variants", "short")) == 0
+    handle.reset()
+    assert lensforge(args(cap_data, base_url, "--variants", "short", "--dry-run", model="gpt-4.1")) == 0
+    assert f"{len(kept_keys)} images pending" in capsys.readouterr().out
+    assert lensforge(args(cap_data, base_url, "--variants", "short", model="gpt-4.1")) == 0
+    assert handle.stats()["requests"] == len(kept_keys)
+    ok = ok_rows(cap_data)
+    for model in ("gpt-4.1-mini", "gpt-4.1"):  # both captioners' rows, each key once
+        assert sorted(ok.loc[ok["model"] == model, "key"]) == sorted(kept_keys), model
+    assert ok["served_model"].notna().all()
+    handle.reset()
+    assert lensforge(args(cap_data, base_url, "--variants", "short")) == 0  # the first captioner: nothing left
+    assert handle.stats()["requests"] == 0
+
+
 def test_json_mode_and_alt_hint(lensforge, cap_endpoint, cap_data, kept_keys, tmp_path):
     handle, base_url = cap_endpoint
     config = tmp_path / "lensforge.yaml"
@@ -76,18 +72,13 @@ def test_json_mode_and_alt_hint(lensforge, cap_endpoint, cap_data, kept_keys, tm
     assert handle.stats()["requests"] == len(kept_keys)  # one request per key for both variants
 
 
-def run_subprocess(data, base_url, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", BOOT, *args(data, base_url, *extra)]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_kill_and_resume_never_asks_twice(cap_endpoint, cap_data, kept_keys, tmp_path):
     handle, base_url = cap_endpoint
     handle.set_faults(latency_s=0.4)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"caption": {"flush_rows": 1, "flush_s": 0.2}}))
     variants = ["dense", "short"]
-    proc = run_subprocess(cap_data, base_url, "--variants", ",".join(variants), "--concurrency", "2",
+    proc = start_caption(cap_data, base_url, "--variants", ",".join(variants), "--concurrency", "2",
                           "--config", str(config))
     deadline = time.monotonic() + 60
     while len(ok_rows(cap_data)) < 4 and proc.poll() is None and time.monotonic() < deadline:
@@ -98,7 +89,7 @@ def test_kill_and_resume_never_asks_twice(cap_endpoint, cap_data, kept_keys, tmp
     done = set(zip(*ok_rows(cap_data)[["key", "variant"]].to_numpy().T))
     assert 4 <= len(done) < len(kept_keys) * 2
     handle.reset()  # stats from here on: the rerun's requests only
-    proc = run_subprocess(cap_data, base_url, "--variants", ",".join(variants), "--config", str(config))
+    proc = start_caption(cap_data, base_url, "--variants", ",".join(variants), "--config", str(config))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
     by_key = handle.stats()["by_key"]

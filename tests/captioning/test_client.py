@@ -21,7 +21,7 @@ def image_body(cfg: CaptionConfig, data) -> dict:
     from captioning.presets import PRESETS
     from captioning.request import build_request
 
-    item = pending_work(data, {"short": PRESETS["short"]})[0]
+    item = pending_work(data, {"short": PRESETS["short"]}, cfg.model)[0]
     image = load_images(data, [item], cfg)[item["key"]]
     return build_request(item["key"], image.data_url, ["short"], PRESETS, cfg)[0]
 

@@ -18,19 +18,19 @@ import tarfile
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
 from captioning.journal import Journal, journal_dir, replay, unreplayed_rows
+from captioning.presets import PRESETS
 from captioning.schema import read_captions
 from curation.manifest import read_manifest
 from curation.pipeline import write_manifest
 from pipelines import cli
+from tests.captioning.caption_runs import REPO, assert_each_ok_once, caption_args, start_caption
 
-REPO = Path(__file__).resolve().parents[2]
 CONCURRENCY = 4
 VARIANTS = ["dense", "short"]
 STOP_LINE = re.compile(r"caption: stopped by (SIGTERM|SIGINT): (\d+) answer row\(s\) of this run saved in \S+, "
@@ -39,9 +39,7 @@ STOP_LINE = re.compile(r"caption: stopped by (SIGTERM|SIGINT): (\d+) answer row\
 
 
 def start(data, base_url, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pipelines.cli", "caption", "--data", str(data), "--base-url", base_url,
-           "--model", "gpt-4.1-mini", "--variants", ",".join(VARIANTS), "--concurrency", str(CONCURRENCY), *extra]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_caption(data, base_url, "--variants", ",".join(VARIANTS), "--concurrency", str(CONCURRENCY), *extra)
 
 
 def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -64,12 +62,6 @@ def disk_rows(data) -> pd.DataFrame:
     journaled, _ = unreplayed_rows(data)
     parts = read_captions(data).to_pandas()
     return pd.concat([parts, pd.DataFrame(journaled, columns=parts.columns)], ignore_index=True)
-
-
-def assert_each_ok_once(data, keys, variants):
-    rows = read_captions(data).to_pandas()
-    ok = rows[rows["status"] == "ok"]
-    assert sorted(zip(ok["key"], ok["variant"])) == sorted((k, v) for k in keys for v in variants)
 
 
 def kept(data) -> list[str]:
@@ -179,8 +171,7 @@ def test_unreadable_images_give_error_rows_and_the_run_finishes(cap_endpoint, ca
     for key, (shard, member) in bad.items():
         manifest.loc[manifest["key"] == key, ["shard", "member"]] = [shard, member]
     write_manifest(manifest, cap_data)
-    cmd = [sys.executable, "-m", "pipelines.cli", "caption", "--data", str(cap_data), "--base-url", base_url,
-           "--model", "gpt-4.1-mini", "--concurrency", "1"]
+    cmd = [sys.executable, "-m", "pipelines.cli", *caption_args(cap_data, base_url, "--concurrency", "1")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90)  # a hang fails here
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = read_captions(cap_data).to_pandas().set_index("key")
@@ -192,7 +183,7 @@ def test_unreadable_images_give_error_rows_and_the_run_finishes(cap_endpoint, ca
 
 def caption_row(key: str, variant: str = "dense") -> dict:
     return {"key": key, "variant": variant, "text": f"A caption of {key}.", "model": "gpt-4.1-mini",
-            "prompt_id": f"{variant}@00000000", "prompt_tokens": 100, "completion_tokens": 20, "cost_usd": 0.0001,
+            "prompt_id": PRESETS[variant].prompt_id, "prompt_tokens": 100, "completion_tokens": 20, "cost_usd": 0.0001,
             "latency_s": 0.5, "status": "ok", "error": None, "created_at": datetime.now(timezone.utc)}
 
 
@@ -205,7 +196,7 @@ def test_torn_last_line_is_ignored_on_replay_and_the_rest_counts_as_done(cap_end
     os.close(journal.fd)  # killed: no compaction; and the next write was cut mid-line
     with open(segment, "ab") as f:
         f.write(b'{"seq":3,"key":"' + kept_keys[3].encode() + b'","variant":"den')
-    assert cli.main(["caption", "--data", str(cap_data), "--base-url", base_url, "--model", "gpt-4.1-mini"]) == 0
+    assert cli.main(caption_args(cap_data, base_url)) == 0
     out = capsys.readouterr().out
     assert "replayed 3 answer row(s) from 1 journal segment(s)" in out and "; 1 torn line(s) ignored" in out
     assert not set(kept_keys[:3]) & set(handle.stats()["by_key"])  # journaled rows count as done
@@ -275,3 +266,11 @@ def test_parquet_readers_skip_the_journal_and_half_written_parts(cap_data, kept_
     assert len(pd.read_parquet(cap_data / "captions")) == 2 == len(read_captions(cap_data))
     assert [r["key"] for r in unreplayed_rows(cap_data)[0]] == [kept_keys[2]]
     journal.close()
+
+
+def test_a_journal_line_written_before_served_model_still_replays():
+    from captioning.journal import decode, encode
+
+    line = encode(7, caption_row("k"))  # a row as older versions journaled it: no served_model
+    assert b"served_model" in line and decode(line.replace(b',"served_model":null', b""))[1]["served_model"] is None
+    assert decode(line.replace(b',"served_model":null', b""))[0] == 7

@@ -63,3 +63,29 @@ def test_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
     atomic.write_text(tmp_path / "a" / "state.json", "22")
     assert (tmp_path / "a" / "state.json").read_text() == "22"
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["state.json"]
+
+
+def test_atomic_path_publishes_on_success_and_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "state.json"
+    atomic.write_json(path, {"step": 1}, fsync=True)
+    assert path.read_text() == '{\n "step": 1\n}\n'
+    synced = []
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(fd))
+    with pytest.raises(Killed):
+        with atomic.atomic_path(path, fsync=True) as tmp:
+            tmp.write_text("half")
+            raise Killed
+    assert path.read_text() == '{\n "step": 1\n}\n' and sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
+    assert not synced  # nothing published, nothing synced
+    atomic.write_bytes(path, b"new", fsync=True)
+    assert path.read_bytes() == b"new" and len(synced) == 2  # the file's bytes, then the folder's entry
+
+
+def test_sync_tree_syncs_every_file_and_folder(tmp_path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x", "a/b/y", "z"):
+        (tmp_path / name).write_text(name)
+    synced = []
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    atomic.sync_tree(tmp_path)
+    assert sorted(synced) == sorted(str(tmp_path / p) for p in ("a", "a/b", "a/x", "a/b/y", "z", "."))

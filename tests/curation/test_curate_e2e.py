@@ -59,7 +59,8 @@ def add_hostile_rows(scenes_dir: Path, base_url: str, refused_url: str) -> Path:
         "other_loopback": refused_url,
         "redirect": f"{base_url}/to_refused",
     }
-    extra = pd.DataFrame({"url": list(hostile.values()), "caption": "hostile", "fault": [f"unsafe_{k}" for k in hostile]})
+    extra = pd.DataFrame({"url": list(hostile.values()), "caption": "hostile",
+                          "fault": [f"unsafe_{k}" for k in hostile]})
     out = scenes_dir / "urls_with_hostile.parquet"
     pd.concat([urls, extra], ignore_index=True).to_parquet(out)
     return out
@@ -195,6 +196,32 @@ def test_a_deleted_or_cut_filtered_part_is_filtered_again_not_trusted_to_its_mar
     pd.testing.assert_frame_equal(read_manifest(data).to_pandas(), manifest)
 
 
+def test_a_deleted_or_cut_download_tar_is_downloaded_again_not_trusted_to_its_stats(world, manifest, tmp_path):
+    """img2dataset's `_stats.json` says a shard finished; its tar, gone or cut, says otherwise: the shard is
+    downloaded again, filtered again, and the manifest is the first run's (no row silently failed_download)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    tars = sorted((data / "download").glob("*.tar"))
+    whole = tars[1].stat().st_size
+    tars[0].unlink()
+    tars[1].write_bytes(tars[1].read_bytes()[: whole // 2])
+    parts = {p.stem: p.stat().st_mtime_ns for p in (data / "filtered").glob("*.parquet")}
+    out = finish(run_curate(world["urls"], data, world["config"]))
+
+    assert f"curate: download shard {tars[0].stem}: {tars[0].name} missing; downloading it again" in out
+    assert (f"curate: download shard {tars[1].stem}: {tars[1].name} is {whole // 2} bytes, not the {whole} its "
+            "marker records; downloading it again") in out
+    assert out.count("made from an earlier download of the shard; filtering that shard again") == 2
+    assert tars[0].is_file() and tars[1].stat().st_size == whole
+    redone = {p.stem for p in (data / "filtered").glob("*.parquet") if p.stat().st_mtime_ns != parts[p.stem]}
+    assert redone == {tars[0].stem, tars[1].stem}  # the other shards were neither downloaded nor filtered again
+    resumed = read_manifest(data).to_pandas()
+    assert resumed["keep"].sum() == manifest["keep"].sum()
+    pd.testing.assert_frame_equal(resumed, manifest)
+
+
 def test_parquet_folders_read_with_pandas_pyarrow_and_ray_data(world, manifest):
     import pyarrow.dataset as ds
     import ray
@@ -236,6 +263,15 @@ def test_missing_url_column_is_one_clear_line(tmp_path):
     result = subprocess.run([LENSFORGE, "curate", "--urls", str(bad), "--out", str(tmp_path / "d")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "no 'url' column" in result.stderr, result.stderr
+
+
+def test_an_empty_url_list_is_one_clear_line(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pd.DataFrame({"url": pd.Series([], dtype=str), "caption": pd.Series([], dtype=str)}).to_parquet(empty)
+    result = subprocess.run([LENSFORGE, "curate", "--urls", str(empty), "--out", str(tmp_path / "d")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"lensforge: error: URL list {empty} has no URLs (0 rows)", result.stderr
 
 
 def test_tiny_clip_model_filter_path(world, manifest, tmp_path):

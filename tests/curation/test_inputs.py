@@ -42,3 +42,21 @@ def test_columns_that_would_shadow_the_manifest_are_renamed(tmp_path):
 def test_bad_input_is_a_clear_error(tmp_path, make, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         read_url_list(make(tmp_path))
+
+
+EMPTY = pd.DataFrame({"url": pd.Series([], dtype=str), "caption": pd.Series([], dtype=str)})
+
+
+@pytest.mark.parametrize(
+    "name, write",
+    [
+        ("u.parquet", EMPTY.to_parquet),
+        ("u.csv", lambda path: path.write_text("url,caption\n")),
+        ("u.jsonl", lambda path: path.write_text("")),
+    ],
+)
+def test_a_list_with_no_rows_is_a_clear_error(tmp_path, name, write):
+    """Not a merge error three steps later (an empty frame's key column is float)."""
+    write(tmp_path / name)
+    with pytest.raises(ValueError, match=f"^URL list {tmp_path / name} has no URLs"):
+        read_url_list(tmp_path / name)

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from curation.safety import UNSAFE_PREFIX, UnsafeURLError, UrlGuard, UrlPolicy, guarded_opener
+from curation.safety import UNSAFE_PREFIX, UnsafeURLError, UrlGuard, UrlPolicy, guarded_opener, iri_to_uri
 from scenes.serve import start_server
 
 ONLY_127_0_0_1 = UrlPolicy(allow_hosts=("127.0.0.1",))
@@ -39,6 +39,49 @@ def test_static_reason(url, refused):
     assert (reason is not None) == refused, reason
     if refused:
         assert reason.startswith(UNSAFE_PREFIX)
+
+
+@pytest.mark.parametrize(
+    "iri, uri",
+    [
+        ("http://127.0.0.1:8000/画像.jpg", "http://127.0.0.1:8000/%E7%94%BB%E5%83%8F.jpg"),  # UTF-8, RFC 3987 §3.1
+        ("http://127.0.0.1/a b.jpg", "http://127.0.0.1/a%20b.jpg"),
+        (" http://h/a.jpg\n", "http://h/a.jpg"),  # white space around a URL is not part of it
+        ("http://h/ü?q=猫 x#ß", "http://h/%C3%BC?q=%E7%8C%AB%20x#%C3%9F"),  # query and fragment too
+        ("http://h/%E7%94%BB/画", "http://h/%E7%94%BB/%E7%94%BB"),  # escapes already there stay as they are
+        ("http://h/100%/画", "http://h/100%25/%E7%94%BB"),  # a "%" that starts no escape is encoded
+        ("http://h/a\"<>{}|^`b", "http://h/a%22%3C%3E%7B%7D%7C%5E%60b"),  # ASCII a URI cannot hold
+        ("http://例え.jp/画", "http://xn--r8jz45g.jp/%E7%94%BB"),  # IDNA host
+        ("http://faß.de:8080/", "http://xn--fa-hia.de:8080/"),  # UTS #46 as browsers (IDNA 2003 said fass.de)
+        ("http://ü@例え.jp/", "http://%C3%BC@xn--r8jz45g.jp/"),
+        ("http://１２７.０.０.１/x", "http://127.0.0.1/x"),  # full-width digits are the address they map to
+        ("http://ｌｏｃａｌｈｏｓｔ/x", "http://localhost/x"),
+        ("http://☃.net/画", "http://☃.net/%E7%94%BB"),  # a host IDNA refuses stays, for the guard to refuse
+        # URIs come back unchanged, reserved characters, case, dot segments and default ports included
+        ("http://H/a/../b;p?x=1+2&y=%2b#f", "http://H/a/../b;p?x=1+2&y=%2b#f"),
+        ("http://[::1]:80/x?", "http://[::1]:80/x?"),
+        ("http://h/%41%2F", "http://h/%41%2F"),
+    ],
+)
+def test_iri_to_uri(iri, uri):
+    assert iri_to_uri(iri) == uri
+    assert iri_to_uri(uri) == uri  # idempotent
+
+
+@pytest.mark.parametrize("iri, refused", [
+    ("http://127.0.0.1/画像.jpg", None),
+    ("http://１２７.０.０.１/画像.jpg", None),  # allowed: it is 127.0.0.1
+    ("http://１２７.０.０.２/x", "127.0.0.2 resolves to loopback"),
+    ("http://ｌｏｃａｌｈｏｓｔ/x", "localhost is a local name"),
+    ("http://☃.net/x", "not a valid IDNA name"),
+    ("http://a：b/x", "malformed URL"),  # a full-width colon: urllib refuses the netloc
+])
+def test_the_guard_vets_the_uri_that_is_fetched(iri, refused):
+    """The guard must see the host that will be connected to: a full-width `localhost` is `localhost`."""
+    reason = UrlGuard(ONLY_127_0_0_1).static_reason(iri_to_uri(iri))
+    assert (reason is None) if refused is None else (refused in reason), reason
+    if refused:
+        assert UrlGuard(ONLY_127_0_0_1).static_reason(iri) is not None  # refused as given, too
 
 
 def test_allow_list_takes_cidrs_and_names():

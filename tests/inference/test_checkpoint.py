@@ -86,3 +86,39 @@ def test_a_checkpoint_from_before_the_released_architecture_is_refused_by_name(t
     path = save_weights(tmp_path / "model.safetensors", {"blocks.0.img.qkv.weight": torch.zeros(3, 3)}, SPEC)
     with pytest.raises(ValueError, match="before the released Lens architecture"):
         load_model(path, SPEC)
+
+
+def test_no_ema_refuses_a_step_that_holds_only_the_ema_weights(tmp_path):
+    from inference.checkpoint import describe_denoiser
+
+    step = save_random_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000001", SPEC)
+    assert describe_denoiser(step, prefer_ema=False).files == (step / "model.safetensors",)
+    (step / "model.safetensors").unlink()
+    assert describe_denoiser(step).files == (step / "ema.safetensors",)  # EMA preferred, and there
+    for call in (lambda: describe_denoiser(tmp_path / "run", prefer_ema=False),
+                 lambda: resolve_checkpoint(checkpoint=step, prefer_ema=False)):
+        with pytest.raises(FileNotFoundError, match=r"has no model.safetensors, only ema.safetensors"):
+            call()
+
+
+def test_describing_a_step_reads_its_header_once(tmp_path, monkeypatch):
+    from inference import checkpoint
+
+    step = save_random_checkpoint(tmp_path / "step_00000001", SPEC)
+    calls = []
+    real = checkpoint.read_header
+    monkeypatch.setattr(checkpoint, "read_header", lambda path: calls.append(path) or real(path))
+    assert checkpoint.describe_denoiser(step).spec == SPEC
+    assert calls == [step / "ema.safetensors"]
+
+
+def test_a_truncated_weights_file_is_refused_from_its_header(tmp_path):
+    from inference.weights_io import read_header
+
+    step = save_random_checkpoint(tmp_path / "step_00000001", SPEC)
+    weights = step / "ema.safetensors"
+    raw = weights.read_bytes()
+    for cut in 0, 5, 100, len(raw) - 1:
+        weights.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match=f"{weights} is truncated or not a safetensors file"):
+            read_header(weights)

@@ -99,3 +99,17 @@ def test_noise_is_seeded_per_image():
     b = initial_noise((2, 4, 8, 8), [2, 0])
     assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1]) and not torch.equal(a[0], a[1])
     assert math.isclose(a.std().item(), 1.0, abs_tol=0.15)
+
+
+def test_sampling_refuses_non_finite_guidance_and_calls_on_step_once_a_step():
+    x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    text, mask = torch.zeros(1, 3, 6), torch.ones(1, 3, dtype=torch.bool)
+    neg = (text[:, :0], mask[:, :0])
+    for cfg in math.nan, math.inf, -1.0:  # NaN guidance made every latent NaN: a black image, no error
+        with pytest.raises(ValueError, match=r"guidance scale \(cfg\) .*: must be a finite number ≥ 0"):
+            RectifiedFlow().sample(Field(x0), noise, text, mask, steps=2, cfg=cfg, neg=neg)
+    with pytest.raises(ValueError, match="shift mu inf"):
+        RectifiedFlow().sample(Field(x0), noise, text, mask, steps=2, mu=math.inf)
+    calls = []
+    RectifiedFlow().sample(Field(x0), noise, text, mask, steps=3, cfg=2.0, neg=neg, on_step=lambda: calls.append(1))
+    assert len(calls) == 3

@@ -184,3 +184,67 @@ def test_lens_layout_end_to_end_with_tiny_flux2_vae_and_gpt_oss(tiny_vae, tiny_g
     from PIL import Image
 
     assert Image.open(out / "000_00.png").size == (settings["width"], settings["height"])
+
+
+def copy_step(run_dir, tmp_path):
+    """A run of its own holding a copy of `run_dir`'s latest step (to cut or delete files in)."""
+    import shutil
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000002", step)
+    return tmp_path / "run", step
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("lensforge: error:") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("name, extra", [("ema.safetensors", []), ("model.safetensors", ["--no-ema"])])
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(run_dir, tmp_path, lensforge, capsys, name, extra):
+    run, step = copy_step(run_dir, tmp_path)
+    weights = step / name
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a copy cut short
+    assert lensforge(["generate", "x", "--run", str(run), "--out", str(tmp_path / "o"), "--steps", "1", *extra]) == 2
+    assert f"{weights} is truncated or not a safetensors file" in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_ema_refuses_a_step_without_model_weights(run_dir, tmp_path, lensforge, capsys):
+    run, step = copy_step(run_dir, tmp_path)
+    (step / "model.safetensors").unlink()
+    assert lensforge(["generate", "x", "--run", str(run), "--out", str(tmp_path / "o"), "--no-ema"]) == 2
+    err = one_error_line(capsys)
+    assert f"{step} has no model.safetensors, only ema.safetensors" in err and not (tmp_path / "o").exists()
+
+
+def test_non_finite_guidance_and_lora_scales_are_refused(run_dir, tmp_path, lensforge, capsys):
+    out = tmp_path / "o"
+    for bad in "nan", "inf", "-1":
+        assert lensforge(["generate", "x", "--run", str(run_dir), "--out", str(out), "--cfg", bad]) == 2
+        assert f"--cfg {float(bad)}: must be a finite number ≥ 0" in one_error_line(capsys)
+    assert lensforge(["generate", "x", "--run", str(run_dir), "--out", str(out), "--lora", "a.safetensors:nan"]) == 2
+    assert "--lora a.safetensors:nan: the scale of a.safetensors must be a finite number" in one_error_line(capsys)
+    assert not out.exists()
+    from inference.checkpoint import resolve_checkpoint
+
+    pipe = Pipeline.load(*resolve_checkpoint(run=run_dir))  # the Python API refuses it too, before encoding
+    with pytest.raises(ValueError, match=r"guidance scale \(cfg\) nan"):
+        pipe.generate(["x"], 32, 32, steps=1, cfg=float("nan"))
+
+
+def test_sampling_shows_progress_and_warns_when_the_cpu_will_be_slow(run_dir, tmp_path, lensforge, capsys,
+                                                                      monkeypatch):
+    from pipelines.commands import generate as command
+
+    argv = ["generate", "x", "--run", str(run_dir), "--out", str(tmp_path / "o"), "--n", "3", "--batch-size", "2",
+            "--steps", "2", "--device", "cpu"]
+    assert lensforge(argv) == 0
+    err = capsys.readouterr().err  # not a terminal: plain progress lines (curation/progress.py)
+    assert "generate: 4/4 (100 %)" in err and "warning" not in err  # 2 batches × 2 steps; tiny at 32²: fast
+    monkeypatch.setattr(command, "CPU_FLOPS", 1e5)  # a CPU slow enough that even this step takes long
+    assert lensforge(argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("generate: warning: 32x32 on the CPU takes about ")
+    assert "s a sampling step" in warnings[0] and "--device cuda" in warnings[0]

@@ -61,3 +61,40 @@ def test_override_parses_values_as_yaml():
     apply_override(raw, "curate.allow_hosts=[127.0.0.1, localhost]")
     apply_override(raw, "curate.models.clip_model=")
     assert raw == {"curate": {"allow_hosts": ["127.0.0.1", "localhost"], "models": {"clip_model": None}}}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("curate:\n  min_area: 1\n  min_blur: 2\n  min_area: 5\n",
+         "line 4: key 'min_area' appears twice (first on line 2)"),
+        ("curate:\n  download:\n    threads: 1\n    threads: 2\n", "line 4: key 'threads' appears twice"),
+        ("curate:\n  min_area: 1\ncurate:\n  min_blur: 2\n", "line 3: key 'curate' appears twice (first on line 1)"),
+    ],
+)
+def test_a_key_given_twice_in_the_yaml_is_refused_with_its_line(tmp_path, text, message):
+    with pytest.raises(ValueError) as err:  # plain YAML keeps the last one: the first would be lost silently
+        load_section("curate", write(tmp_path, text), [])
+    assert f"config {tmp_path / 'c.yaml'}, {message}" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="key 'dense' appears twice"):
+        apply_override({}, "train.data.captions={dense: 0.5, dense: 0.3}")
+
+
+def test_an_override_of_a_section_the_command_does_not_read_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"override 'caption.model': a section this command ignores; valid "
+                                         r"sections: train$"):
+        load_section("train", None, ["train.seed=3", "caption.model=x"], reads=("train",))
+    with pytest.raises(ValueError, match=r"override 'trian.seed': unknown section; valid sections: train$"):
+        load_section("train", None, ["trian.seed=3"], reads=("train",))
+    # `lensforge run` reads every section: any known one may be set
+    assert load_section("train", None, ["train.seed=3", "caption.model=x"]).seed == 3
+
+
+def test_lensforge_train_refuses_another_sections_override_in_one_line(tmp_path, monkeypatch, capsys):
+    from pipelines import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["train"])
+    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", "caption.model=gpt-4.1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "lensforge: error: override 'caption.model': a section this command ignores; valid sections: train\n"

@@ -141,3 +141,29 @@ def test_gpu_rows(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     row = doctor.check_gpu(want_bf16=True)
     assert row.status == OK and "2 × CUDA: 2 × NVIDIA H100 80GB HBM3" in row.detail
+
+
+def test_an_unset_key_for_a_remote_caption_endpoint_is_missing(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("LF_TEST_KEY", raising=False)
+    row = doctor.check_api_key(CaptionConfig(model="gpt-4.1"))  # api.openai.com by default
+    assert row.status == MISSING and "$OPENAI_API_KEY (caption.api_key_env) is unset" in row.detail
+    assert "api.openai.com" in row.detail and "export OPENAI_API_KEY" in row.fix
+    remote = CaptionConfig(base_url="https://vllm.example.org/v1", model="m", api_key_env="LF_TEST_KEY")
+    assert doctor.check_api_key(remote).status == MISSING and "$LF_TEST_KEY" in doctor.check_api_key(remote).detail
+    monkeypatch.setenv("LF_TEST_KEY", "sk-secret")
+    row = doctor.check_api_key(remote)
+    assert row.status == OK and "sk-secret" not in row.detail  # the key itself is never shown
+    local = doctor.check_api_key(CaptionConfig(base_url="http://127.0.0.1:8001/v1", model="m"))
+    assert local.status == OK and "no key needed" in local.detail
+
+
+def test_cli_fails_on_an_unset_caption_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["doctor"])
+    monkeypatch.setattr(doctor, "check_img2dataset_env", lambda: Check("img2dataset env", OK, "stub"))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    config = tmp_path / "c.yaml"
+    config.write_text("caption:\n  model: gpt-4.1\n")  # the OpenAI API: not contacted offline, but it needs the key
+    assert cli.main(["doctor", "--config", str(config), "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "missing  caption api key" in out and "$OPENAI_API_KEY (caption.api_key_env) is unset" in out

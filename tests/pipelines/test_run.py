@@ -172,3 +172,33 @@ def test_killed_inside_any_stage_the_same_command_finishes_with_the_same_outputs
     assert json.loads((out / final / "prompts.json").read_text())["prompts"] == \
         json.loads((ref / final / "prompts.json").read_text())["prompts"]
     assert (out / "data" / "report.html").exists()
+
+
+def test_precompute_reads_the_caption_stage_s_captioner_and_its_key_says_so(tmp_path):
+    from captioning.presets import PRESETS
+    from pipelines.run import make_plan
+
+    plan = make_plan(str(CONFIG), ["caption.model=cap-a"], out=str(tmp_path))
+    pre = plan.cfgs["precompute"]
+    assert pre.caption_model == "cap-a" and pre.caption_prompts["dense"] == PRESETS["dense"].prompt_id
+    other = make_plan(str(CONFIG), ["caption.model=cap-b"], out=str(tmp_path))
+    assert other.cfgs["precompute"].caption_model == "cap-b" and other.keys["precompute"] != plan.keys["precompute"]
+    mine = make_plan(str(CONFIG), ["caption.model=cap-b", "precompute.caption_model=cap-a"], out=str(tmp_path))
+    assert mine.cfgs["precompute"].caption_model == "cap-a"  # the section's own choice wins
+
+
+def test_torchrun_gets_only_train_overrides_and_what_the_run_filled(tmp_path):
+    import yaml
+
+    from pipelines.config import load_section
+    from pipelines.run import make_plan, torchrun_command
+
+    sets = ["caption.model=cap-a", "run.nproc_per_node=2", "train.max_steps=3", "precompute.buckets.base_sides=[32]"]
+    plan = make_plan(str(CONFIG), sets, out=str(tmp_path))
+    command = torchrun_command(plan)
+    overrides = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
+    assert all(o.startswith("train.") for o in overrides) and "train.max_steps=3" in overrides
+    train = load_section("train", str(CONFIG), overrides, reads=("train",))  # what `lensforge train` will read
+    assert train.buckets.base_sides == [32] and train.encoders["captions"]["dense"]["model"] == "cap-a"
+    assert train == plan.cfgs["train"]
+    assert yaml.safe_load(overrides[-1].partition("=")[2])["base_sides"] == [32]

@@ -96,7 +96,6 @@ def write_scene_shards(data: str | Path, buckets: dict[tuple[int, int], int], va
         for start in range(0, count, shard_size):
             shard = f"{bucket.name}/{shard_name(start // shard_size)}"
             (set_dir / bucket.name).mkdir(parents=True, exist_ok=True)
-            written = 0
             with wds.TarWriter(str(set_dir / shard), encoder=False, mtime=0) as sink:
                 for i in range(start, min(start + shard_size, count)):
                     name = f"{key:010d}"
@@ -104,9 +103,9 @@ def write_scene_shards(data: str | Path, buckets: dict[tuple[int, int], int], va
                     meta = {"key": name, "bucket": bucket.name, "base": bucket.base, "ratio": bucket.ratio,
                             "size": [w, h], "crop": [0, 0, w, h], "upscaled": False, "variants": list(variants),
                             "captions": {v: captions[v][i] for v in variants}, "scene": scenes[i].to_dict()}
-                    written += write_sample(sink, name, latents[i], meta, text={v: feats[v][i] for v in variants})
+                    write_sample(sink, name, latents[i], meta, text={v: feats[v][i] for v in variants})
             index.append({"shard": shard, "bucket": bucket.name, "base": bucket.base, "ratio": bucket.ratio,
-                          "samples": min(shard_size, count - start), "bytes": written})
+                          "samples": min(shard_size, count - start), "bytes": (set_dir / shard).stat().st_size})
     pd.DataFrame(index).to_parquet(set_dir / INDEX_FILE, index=False)
     return set_dir
 

@@ -42,7 +42,7 @@ def test_precompute_config_refuses_a_malformed_variant():
 def test_plan_reads_truncated_variants_from_their_base(tmp_path, data_builder):
     data = data_builder(tmp_path / "data", [(32, 32)] * 6, variants=("dense",), uncaptioned={2})
     rows, skipped = read_candidates(data, ["dense", "dense@3", "alt", "alt@1"])
-    assert len(rows) == 5 and skipped == {"dense: not captioned": 1}  # dense@3 adds no skip of its own
+    assert len(rows) == 5 and skipped == {"dense: not captioned by scene-parser (dense@test)": 1}  # none for dense@3
     for values in rows.to_dict("records"):
         dense, cut = values[caption_column("dense")], values[caption_column("dense@3")]
         assert cut == " ".join(dense.split()[:3]) and len(dense.split()) > 3

@@ -1,7 +1,8 @@
 """The training loader: bucket-homogeneous batches with per-base sizes, per-rank bucket scheduling that is a pure
-function of (seed, rank, step), disjoint rank shares, the caption mix and dropout, the hold-out, and resuming at a
-saved position."""
+function of (seed, rank, step), disjoint rank shares, the caption mix and dropout, the hold-out, resuming at a
+saved position; and what `lensforge train` refuses in one line: a truncated shard, another bucket table."""
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -121,3 +122,77 @@ def test_held_out_keys_never_train_and_form_the_validation_set(shards):
     assert not trained & set(val_keys)
     assert all(v == "dense" for b in val for v in b.variants)  # the mix's most likely variant, never dropped
     assert len({b.bucket for b in val}) == 2 and all(len(set(np.shape(b.latents)[2:])) == 1 for b in val)
+
+
+# --- what `lensforge train` refuses before (or while) reading ------------------------------------------------------
+
+
+@pytest.fixture
+def lensforge(monkeypatch):
+    """`lensforge ...` in this process with only `train` registered."""
+    from pipelines import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["train"])
+    return cli.main
+
+
+def train_argv(data, run, *extra) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(run), "--max-steps", "1", "--set", "train.progress=false",
+            "--set", "train.data.batch_size=8", *extra]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("lensforge: error:") and err.count("\n") == 1, err
+    return err
+
+
+def member_offsets(tar) -> list[int]:
+    import tarfile
+
+    with tarfile.open(tar) as f:
+        return [m.offset for m in f.getmembers()]
+
+
+@pytest.mark.parametrize("cut", ["inside a member", "between members"])
+def test_a_truncated_shard_stops_training_in_one_line_naming_it(tmp_path, lensforge, capsys, cut):
+    from tests.training.scene_shards import write_scene_shards
+
+    set_dir = write_scene_shards(tmp_path / "data", {(32, 32): 8}, shard_size=4)  # no done markers: read to find it
+    tar = sorted(set_dir.glob("*/shard-*.tar"))[1]
+    raw = tar.read_bytes()
+    tar.write_bytes(raw[:len(raw) // 2] if cut == "inside a member" else raw[:member_offsets(tar)[3]])
+    capsys.readouterr()
+    assert lensforge(train_argv(tmp_path / "data", tmp_path / "run")) == 2
+    err = one_error_line(capsys)
+    assert str(tar) in err and "truncated or corrupt" in err and "rerun `lensforge precompute`" in err
+
+
+def test_a_shard_cut_since_its_done_marker_is_refused_before_training(tmp_path, lensforge, capsys):
+    from tests.training.scene_shards import write_scene_shards
+    from training.shard_format import done_marker
+
+    set_dir = write_scene_shards(tmp_path / "data", {(32, 32): 8}, shard_size=4)
+    tar = sorted(set_dir.glob("*/shard-*.tar"))[0]
+    size = tar.stat().st_size
+    done_marker(tar).write_text(json.dumps({"shard": tar.name, "bytes": size}))  # as precompute writes it
+    tar.write_bytes(tar.read_bytes()[:member_offsets(tar)[2]])  # one whole sample left: a tar reader sees no error
+    capsys.readouterr()
+    assert lensforge(train_argv(tmp_path / "data", tmp_path / "run")) == 2
+    err = one_error_line(capsys)
+    assert f"{tar} is {tar.stat().st_size:,} bytes, its done marker records {size:,}" in err
+    assert "rerun `lensforge precompute`" in err and not (tmp_path / "run").exists()
+
+
+def test_shards_made_with_another_bucket_table_are_refused(shards, tmp_path, lensforge, capsys):
+    # the shards: bases 32 and 48, ratio 1:1, sides multiples of 4 (tests/training/scene_shards.py)
+    argv = train_argv(shards, tmp_path / "run", "--set", "train.buckets={base_sides: [512, 768, 1024]}")
+    assert lensforge(argv) == 2
+    err = one_error_line(capsys)
+    assert "buckets.base_sides: [32, 48] in the shards, [512, 768, 1024] expected" in err
+    assert "buckets.ratios: ['1:1'] in the shards" in err and not (tmp_path / "run").exists()
+    assert open_shard_set(shards, TrainConfig(buckets={"base_sides": [48, 32], "ratios": ["1:1"]})).samples == 72
+    assert open_shard_set(shards, TrainConfig(buckets={"base_sides": [32, 48], "ratios": ["1:1"], "multiple": 4}))
+    with pytest.raises(ValueError, match=r"buckets\.multiple: 4 in the shards, 8 expected"):
+        open_shard_set(shards, TrainConfig(buckets={"base_sides": [32, 48], "ratios": ["1:1"], "multiple": 8}))
+    assert open_shard_set(shards, TrainConfig()).samples == 72  # no table named: whichever the shards have

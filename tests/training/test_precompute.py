@@ -4,6 +4,7 @@ release (its FLUX.2 VAE and GPT-OSS, by the release's own paths)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from training.buckets import BucketTable
 from training.cache_key import encoders_record
 from training.precompute import precompute
 from training.precompute_config import PrecomputeConfig
-from training.precompute_plan import assign_buckets
+from training.precompute_plan import assign_buckets, caption_sources
 from training.shard_format import check_encoders, read_encoders, read_index, read_sample, shard_paths
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,22 +36,27 @@ def samples_of(set_dir) -> dict:
     return {s["key"]: s for s in map(read_sample, wds.WebDataset(shard_paths(set_dir), shardshuffle=False))}
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, ray_local, data_builder):
-    """One run through the command line module (config file + --set), as a user would."""
+def run_command(data: Path, config: Path) -> int:
+    """`lensforge precompute --data DATA ... --config FILE --set precompute.shard_size=2`, in this process."""
     import argparse
 
     from pipelines.commands import precompute as command
 
-    root = tmp_path_factory.mktemp("ref")
-    data = data_builder(root / "data", SIZES, variants=("dense",), corrupt={CORRUPT}, uncaptioned={UNCAPTIONED})
-    config = root / "lensforge.yaml"
-    config.write_text(yaml.safe_dump({"precompute": {k: v for k, v in SECTION.items() if k != "shard_size"}}))
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = parser.parse_args(["--data", str(data), "--codec", "pixel", "--text-encoder", "minilm",
                               "--variants", "dense,alt", "--config", str(config), "--set", "precompute.shard_size=2"])
-    assert command.run(args) == 0
+    return command.run(args)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, ray_local, data_builder):
+    """One run through the command line module (config file + --set), as a user would."""
+    root = tmp_path_factory.mktemp("ref")
+    data = data_builder(root / "data", SIZES, variants=("dense",), corrupt={CORRUPT}, uncaptioned={UNCAPTIONED})
+    config = root / "lensforge.yaml"
+    config.write_text(yaml.safe_dump({"precompute": {k: v for k, v in SECTION.items() if k != "shard_size"}}))
+    assert run_command(data, config) == 0
     (set_dir,) = [p for p in (data / "shards").iterdir() if p.is_dir()]
     return data, set_dir
 
@@ -77,7 +83,7 @@ def test_corrupt_image_is_a_recorded_error_and_uncaptioned_keys_are_reported(ref
     assert errors[["key", "stage"]].values.tolist() == [[f"{CORRUPT:010d}", "decode"]]
     assert "undecodable" in errors["error"].iat[0]
     summary = json.loads((data / "reports" / "precompute.json").read_text())
-    assert summary["skipped"] == {"dense: not captioned": 1} and summary["errors"] == 1
+    assert summary["skipped"] == {"dense: not captioned by scene-parser (dense@test)": 1} and summary["errors"] == 1
     html = (data / "reports" / "buckets.html").read_text()
     assert "Samples per bucket" in html and f"{CORRUPT:010d}" in html and "not captioned" in html
 
@@ -101,13 +107,15 @@ def test_stored_text_is_the_encoders_unpadded_output(reference):
 
 
 def test_encoders_json_is_the_cache_key_and_a_mismatch_is_refused(reference):
-    _, set_dir = reference
+    data, set_dir = reference
     record = read_encoders(set_dir)
     assert record["codec"]["codec"] == "pixel" and record["text"]["layers"] == [2, 5]
     assert record["text"]["weights"] and record["buckets"]["sizes"] == ["24x44", "32x32", "44x24", "44x92",
                                                                          "64x64", "92x44"]
     check_encoders(set_dir, record)
-    assert record == encoders_record(PrecomputeConfig(**SECTION))  # what the config alone says, nothing loaded
+    assert record["captions"] == {"dense": {"model": "scene-parser", "prompt_id": "dense@test"}}  # whose captions
+    sources = caption_sources(data, SECTION["variants"])
+    assert record == encoders_record(PrecomputeConfig(**SECTION), sources=sources)  # the configs: nothing loaded
     other = {**record, "text": {**record["text"], "dtype": "float8_e4m3fn", "layers": [5]}}
     with pytest.raises(ValueError, match=r"text\.dtype: 'bfloat16' in the shards, 'float8_e4m3fn' expected"):
         check_encoders(set_dir, other)
@@ -146,6 +154,23 @@ def test_a_tiny_lens_release_precomputes_by_its_own_paths(tmp_path, ray_local, d
         stored = s["text"]["dense"]
         assert stored.shape == (int(mask.sum()), 128) and stored.shape[0] > 22  # the prompt + the chat's suffix
         torch.testing.assert_close(stored.float(), features[0][mask[0]], atol=0.03, rtol=0.02)
+
+
+def test_no_captions_and_another_captioner_are_one_line_errors(tmp_path, data_builder, capsys):
+    import shutil
+
+    from pipelines import cli
+
+    data = data_builder(tmp_path / "data", SIZES[:4])
+    args = ["precompute", "--data", str(data), "--variants", "dense"]
+    assert cli.main([*args, "--caption-model", "gpt-4.1"]) == 2  # DATA holds scene-parser's captions only
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing to encode" in err and "not captioned by gpt-4.1" in err
+    shutil.rmtree(data / "captions")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run `lensforge caption` first" in err and "Traceback" not in err
+    assert not (data / "shards").exists()  # refused before Ray starts or any set is made
 
 
 def test_disk_budget_refuses_before_encoding(tmp_path, ray_local, capsys, data_builder):
@@ -212,3 +237,35 @@ def test_kill_and_resume_gives_the_same_shards(tmp_path, reference, data_builder
         assert torch.equal(s["latent"], theirs[key]["latent"])
         for v, feats in s["text"].items():  # batches differ after a resume: same values up to float noise
             torch.testing.assert_close(feats.float(), theirs[key]["text"][v].float(), atol=0.03, rtol=0.02)
+
+
+def test_a_marker_is_honoured_only_while_its_tar_has_the_size_it_records(tmp_path, capsys):
+    from training.precompute import _clean, marker_path, shard_done
+
+    shard = "32x32/shard-000000.tar"
+    (tmp_path / "32x32").mkdir()
+    (tmp_path / shard).write_bytes(b"t" * 1024)
+    marker_path(tmp_path, shard).write_text(json.dumps({"shard": shard, "plan": "p1", "bytes": 1024}))
+    assert shard_done(tmp_path, shard, "p1") and not shard_done(tmp_path, shard, "p2")
+    (tmp_path / shard).write_bytes(b"t" * 512)
+    assert not shard_done(tmp_path, shard, "p1")
+    _clean(tmp_path, {shard: "p1"})
+    assert capsys.readouterr().out == (f"precompute: {tmp_path / shard} is 512 bytes, its done marker records 1,024: "
+                                       f"redoing {shard}\n")
+    assert not list((tmp_path / "32x32").iterdir())  # the cut tar and its marker are gone: the shard is redone
+
+
+def test_a_shard_cut_after_its_marker_was_written_is_redone_on_rerun(tmp_path, reference, capsys):
+    data, ref_set = reference
+    shutil.copytree(data, tmp_path / "data")
+    set_dir = tmp_path / "data" / "shards" / ref_set.name
+    tar = sorted(set_dir.glob("*/shard-*.tar"))[0]
+    size, shard = tar.stat().st_size, f"{tar.parent.name}/{tar.name}"
+    shards = len(list(ref_set.glob("*/*.done.json")))
+    tar.write_bytes(tar.read_bytes()[:size // 2])
+    capsys.readouterr()
+    assert run_command(tmp_path / "data", data.parent / "lensforge.yaml") == 0
+    out = capsys.readouterr().out
+    assert f"precompute: {tar} is {size // 2:,} bytes, its done marker records {size:,}: redoing {shard}" in out
+    assert f"{shards} shards, {shards - 1} already done" in out
+    assert tar.stat().st_size == size and samples_of(set_dir).keys() == samples_of(ref_set).keys()

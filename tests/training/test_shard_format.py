@@ -1,5 +1,6 @@
 """The sample format: unpadded text features round trip, fp8 with a per-token scale, plain webdataset reads the
-tars, and encoders.json mismatches are refused by name."""
+tars, encoders.json mismatches are refused by name, a sample cut short names its shard, and a done marker vouches
+for its tar only at the size it records."""
 
 import json
 
@@ -10,9 +11,12 @@ from safetensors.torch import load as st_load
 
 from training.shard_format import (
     check_encoders,
+    done_marker,
     pack_sample,
+    read_done,
     read_sample,
     shard_set_id,
+    tar_mismatch,
     write_encoders,
     write_sample,
 )
@@ -94,3 +98,27 @@ def test_set_id_is_stable_and_changes_with_the_key(tmp_path):
     assert shard_set_id(ENCODERS) == shard_set_id(dict(reversed(list(ENCODERS.items()))))
     assert len(shard_set_id(ENCODERS)) == 12
     assert shard_set_id(ENCODERS) != shard_set_id({**ENCODERS, "crop": "random"})
+
+
+def test_a_sample_cut_short_names_its_shard():
+    whole = pack_sample("0000000001", torch.zeros(3, 4, 4), META)
+    for broken in ({k: v for k, v in whole.items() if k != "tensors.safetensors"},  # the tar ended between members
+                   {**whole, "tensors.safetensors": whole["tensors.safetensors"][:40]}):  # ... inside one
+        with pytest.raises(ValueError, match=r"sample 0000000001 of shard /d/32x32/shard-000003.tar is incomplete"):
+            read_sample({**broken, "__url__": "/d/32x32/shard-000003.tar"})
+
+
+def test_a_done_marker_vouches_for_its_tar_only_at_the_size_it_records(tmp_path):
+    tar = tmp_path / "32x32" / "shard-000000.tar"
+    tar.parent.mkdir()
+    tar.write_bytes(b"x" * 2048)
+    assert done_marker(tar) == tmp_path / "32x32" / "shard-000000.done.json" and read_done(tar) is None
+    done_marker(tar).write_text(json.dumps({"bytes": 2048}))
+    assert tar_mismatch(tar, read_done(tar)) is None
+    tar.write_bytes(b"x" * 1024)
+    assert tar_mismatch(tar, read_done(tar)) == f"{tar} is 1,024 bytes, its done marker records 2,048"
+    assert tar_mismatch(tar, {}) == f"{tar} is 1,024 bytes, its done marker records no size"
+    tar.unlink()
+    assert tar_mismatch(tar, read_done(tar)) == f"{tar} is missing"
+    done_marker(tar).write_text('{"bytes": 20')  # cut short itself: no marker
+    assert read_done(tar) is None
