@@ -16,7 +16,7 @@ background is the prompt's) is reported beside them.
 
 Steps (training and the default evaluation are `lensforge` processes; the same command again skips what is done):
 1. DATA: --images renders of the new distribution (seed 1) → a shard set in the precompute format (pixel codec,
-   MiniLM, dense captions, the real cache key: tests/training/scene_shards.py, as bench/train.py uses). Without
+   MiniLM, dense captions, the real cache key: scenes/shards.py, as bench/train.py uses). Without
    --base-run also --images of the default distribution (seed 0), and a base trained on them with the demo's
    `train:` recipe (configs/demo.yaml, 900 steps). The demo itself curates ≈ 1,625 of its 2,000 web scenes.
 2. `lensforge train --init-from BASE` (its EMA weights) twice on the new DATA with the demo's recipe, --steps each,
@@ -83,7 +83,7 @@ def scene_maker(background: str | None):
 
 def write_data(data: Path, images: int, background: str | None, seed: int) -> Path:
     """DATA with one shard set of `images` 32² scenes; written once (its index.parquet is written last)."""
-    from tests.training.scene_shards import write_scene_shards
+    from scenes.shards import write_scene_shards
     from training.shard_format import INDEX_FILE
 
     if not list(data.glob(f"shards/*/{INDEX_FILE}")):

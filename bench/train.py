@@ -34,7 +34,7 @@ def make_shards(work: Path, samples: int) -> Path:
     data = work / "data"
     if not (data / "shards").is_dir():
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.training.scene_shards import write_scene_shards
+        from scenes.shards import write_scene_shards
 
         write_scene_shards(data, {(64, 64): samples}, shard_size=256)
     return data

@@ -143,7 +143,7 @@ def check_shard(tar: Path) -> None:
     """Refuse a shard whose tar is gone or cut (not the size its done marker records) before training starts."""
     if not tar.is_file():
         why = f"{tar} is missing"
-    else:  # a set without markers (made by hand, or by tests/training/scene_shards.py) has only the tar to check
+    else:  # a set without markers (made by hand, or by scenes/shards.py) has only the tar to check
         record = read_done(tar)
         why = tar_mismatch(tar, record) if record is not None else None
     if why:

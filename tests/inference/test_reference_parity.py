@@ -120,7 +120,7 @@ def test_the_whole_pipeline_gives_the_references_image_for_a_seed(tmp_path):
 def test_fine_tuned_and_lora_merged_exports_load_into_the_reference_exactly(tmp_path):
     """Train from a tiny release in the released layout (full and LoRA), export, load with the reference."""
     from pipelines import cli
-    from tests.training.scene_shards import write_scene_shards
+    from scenes.shards import write_scene_shards
     from training.train_config import TrainConfig
     from training.trainer import train
 

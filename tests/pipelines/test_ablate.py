@@ -26,7 +26,7 @@ def ablate(data, out, *extra: str, steps: int = 4) -> int:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from tests.training.scene_shards import write_scene_shards
+    from scenes.shards import write_scene_shards
 
     root = tmp_path_factory.mktemp("ablate") / "data"
     write_scene_shards(root, {(32, 32): 32}, variants=("dense", "short", "dense@4"), shard_size=16)

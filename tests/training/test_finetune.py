@@ -29,7 +29,7 @@ def release(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(release, tmp_path_factory):
     """Scenes encoded by the release's own VAE and GPT-OSS (32 × 4 × 4 latents, 4 layers × 32 features)."""
-    from tests.training.scene_shards import write_scene_shards
+    from scenes.shards import write_scene_shards
 
     root = tmp_path_factory.mktemp("release-data")
     write_scene_shards(root, {(32, 32): 16}, shard_size=8, codec=f"flux2:{release / 'vae'}",
@@ -174,7 +174,7 @@ def bare(release, tmp_path_factory):
 
 
 def test_mismatched_encoders_are_named(release, bare, tmp_path_factory):
-    from tests.training.scene_shards import cached_scene_shards
+    from scenes.shards import cached_scene_shards
 
     pixel = cached_scene_shards(tmp_path_factory, "one-bucket-32", {(32, 32): 16})
     with pytest.raises(ValueError, match=r"codec\.codec.*flux2:.*pixel|pixel.*flux2"):

@@ -13,7 +13,7 @@ from tests.training.test_parallel import torchrun
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from tests.training.scene_shards import cached_scene_shards
+    from scenes.shards import cached_scene_shards
 
     return cached_scene_shards(tmp_path_factory, "two-buckets", {(32, 32): 48, (48, 48): 24},
                                variants=("dense", "short"), shard_size=12)

@@ -37,7 +37,7 @@ RECIPE = {
 def score(run=None, checkpoint=None, prompts: int = 64, seed: int = 12345) -> dict:
     """Sample each prompt once from the EMA weights (a run's latest step, or one step directory), parse the
     image, and score it against the prompt."""
-    from tests.training.scene_shards import one_object_scene
+    from scenes.shards import one_object_scene
 
     rng = random.Random(seed)
     scenes = [one_object_scene(rng) for _ in range(prompts)]
@@ -63,7 +63,7 @@ def score(run=None, checkpoint=None, prompts: int = 64, seed: int = 12345) -> di
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_tiny_learns_colour_position_and_shape(tmp_path_factory):
-    from tests.training.scene_shards import cached_scene_shards, one_object_scene
+    from scenes.shards import cached_scene_shards, one_object_scene
 
     data = cached_scene_shards(tmp_path_factory, "one-object-4096", {(32, 32): 4096}, scene_fn=one_object_scene,
                                seed=1)

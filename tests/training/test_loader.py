@@ -17,7 +17,7 @@ BUCKETS = {(32, 32): 48, (48, 48): 24}  # base 32 in 4 shards of 12, base 48 in 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from tests.training.scene_shards import cached_scene_shards
+    from scenes.shards import cached_scene_shards
 
     return cached_scene_shards(tmp_path_factory, "two-buckets", BUCKETS, variants=("dense", "short"), shard_size=12)
 
@@ -156,7 +156,7 @@ def member_offsets(tar) -> list[int]:
 
 @pytest.mark.parametrize("cut", ["inside a member", "between members"])
 def test_a_truncated_shard_stops_training_in_one_line_naming_it(tmp_path, lensforge, capsys, cut):
-    from tests.training.scene_shards import write_scene_shards
+    from scenes.shards import write_scene_shards
 
     set_dir = write_scene_shards(tmp_path / "data", {(32, 32): 8}, shard_size=4)  # no done markers: read to find it
     tar = sorted(set_dir.glob("*/shard-*.tar"))[1]
@@ -169,7 +169,7 @@ def test_a_truncated_shard_stops_training_in_one_line_naming_it(tmp_path, lensfo
 
 
 def test_a_shard_cut_since_its_done_marker_is_refused_before_training(tmp_path, lensforge, capsys):
-    from tests.training.scene_shards import write_scene_shards
+    from scenes.shards import write_scene_shards
     from training.shard_format import done_marker
 
     set_dir = write_scene_shards(tmp_path / "data", {(32, 32): 8}, shard_size=4)
@@ -185,7 +185,7 @@ def test_a_shard_cut_since_its_done_marker_is_refused_before_training(tmp_path, 
 
 
 def test_shards_made_with_another_bucket_table_are_refused(shards, tmp_path, lensforge, capsys):
-    # the shards: bases 32 and 48, ratio 1:1, sides multiples of 4 (tests/training/scene_shards.py)
+    # the shards: bases 32 and 48, ratio 1:1, sides multiples of 4 (scenes/shards.py)
     argv = train_argv(shards, tmp_path / "run", "--set", "train.buckets={base_sides: [512, 768, 1024]}")
     assert lensforge(argv) == 2
     err = one_error_line(capsys)

@@ -21,7 +21,7 @@ from training.trainer import Trainer, TrainingStopped, lr_at
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from tests.training.scene_shards import cached_scene_shards
+    from scenes.shards import cached_scene_shards
 
     return cached_scene_shards(tmp_path_factory, "two-buckets", {(32, 32): 48, (48, 48): 24},
                                variants=("dense", "short"), shard_size=12)
@@ -121,7 +121,7 @@ def run_cli(argv):
 
 
 def test_shards_from_other_encoders_are_refused_saying_what_differs(tmp_path):
-    from tests.training.scene_shards import write_scene_shards
+    from scenes.shards import write_scene_shards
 
     write_scene_shards(tmp_path / "data", {(32, 32): 4}, encoders_patch={"codec": {"codec": "pixel:8"}})
     with pytest.raises(ValueError, match=r"codec\.codec: 'pixel:8' in the shards, 'pixel' expected"):

@@ -4,7 +4,8 @@ cache key from training/cache_key.py's `encoders_record`, so the trainer's check
 
     set_dir = write_scene_shards(tmp / "data", {(32, 32): 64, (48, 32): 32})
 
-Test modules import it as `tests.training.scene_shards` (pytest resolves it from the rootdir).
+The tests and the training benchmarks (bench/train.py, bench/finetune.py) build their shard sets with it; it
+imports torch, so `scenes/__init__.py` does not import it.
 """
 
 from __future__ import annotations
