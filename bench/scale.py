@@ -215,7 +215,7 @@ def build_state(n: int, root: Path) -> None:
     (root / "state.json").write_text(json.dumps({"rows": n, "seconds": round(time.perf_counter() - started, 1)}))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[int, dict]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--stages", default=",".join(STAGES))
@@ -224,10 +224,10 @@ def main() -> None:
     parser.add_argument("--label", default="", help="a name for this code version in the printed table")
     parser.add_argument("--run-stage", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.run_stage:
         print(json.dumps(RUNNERS[args.run_stage](Path(args.root))))
-        return
+        return {}
     sizes = [int(s) for s in args.sizes.split(",")]
     stages = [s.strip() for s in args.stages.split(",")]
     results: dict[str, dict[int, dict]] = {s: {} for s in stages}
@@ -256,6 +256,7 @@ def main() -> None:
                 rows.append(row("scale", f"{stage} µs per row at {n:,} rows{' ' + args.label if args.label else ''}",
                                 us, "µs", peer=base, peer_name=f"µs per row at {first:,}", goal="<= 1.3"))
     emit(rows)
+    return results
 
 
 if __name__ == "__main__":
