@@ -42,8 +42,8 @@ from captioning.presets import Preset, resolve_variants
 from captioning.request import request_model, variant_groups
 from captioning.schema import captions_dir
 from captioning.schema import write_part as write_rows
-from curation.atomic import write_json
-from curation.progress import progress_bar
+from common.atomic import write_json
+from common.progress import progress_bar
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 UPLOAD_TIMEOUT_S = 900.0

@@ -29,7 +29,7 @@ from captioning.ledger import reservation_usd
 from captioning.presets import Preset
 from captioning.request import build_request, error_rows, parse_response, variant_groups
 from captioning.schema import STATUS_OK
-from curation.atomic import publish
+from common.atomic import publish
 
 ENDPOINT = "/v1/chat/completions"
 JSON_TAG = "json"

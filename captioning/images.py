@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from captioning.config import CaptionConfig
-from curation.decode import decode_rgb
+from common.decode import decode_rgb
 from curation.download import read_members
 
 @dataclass(frozen=True)

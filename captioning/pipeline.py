@@ -35,8 +35,8 @@ from captioning.presets import Preset, resolve_variants
 from captioning.request import build_request, request_model, variant_groups
 from captioning.schema import SOURCE_COLUMNS, STATUS_OK, captions_dir, read_captions
 from captioning.worker import Stats, Stopped, Worker, read_images, run_with_signals
+from common.progress import progress_bar
 from curation.manifest import read_manifest
-from curation.progress import progress_bar
 
 MANIFEST_COLUMNS = ["key", "alt_text", "shard", "member", "keep"]
 

@@ -20,7 +20,7 @@ from captioning.client import resolve_api_key
 from captioning.config import CaptionConfig
 from captioning.presets import Preset
 from captioning.worker import Stats, Worker
-from curation.progress import progress_bar
+from common.progress import progress_bar
 
 ACTOR_GRACE_S = 15.0  # after a stop's drain: time for the actors to compact their journals and return
 
@@ -102,7 +102,7 @@ def run_ray(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[di
     import ray
 
     from captioning.ledger import LedgerActor
-    from curation.ray_runtime import init_ray
+    from common.ray_runtime import init_ray
 
     api_key = resolve_api_key(cfg)
     env = proxy_env()

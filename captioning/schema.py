@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.atomic import atomic_path
+from common.atomic import atomic_path
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

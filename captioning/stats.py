@@ -40,7 +40,7 @@ from captioning.schema import (
     latest_captions,
     read_captions,
 )
-from curation.html import figure_tag, new_figure, table_html, write_page
+from common.html import figure_tag, new_figure, table_html, write_page
 from curation.manifest import read_manifest
 from curation.report import download_thumbnails
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.atomic import atomic_path
+from common.atomic import atomic_path
+from common.progress import progress_bar
+from common.ray_runtime import QUIET_ENV
 from curation.config import CurateConfig
 from curation.markers import marker_path, read_marker, stale_reason, write_marker
-from curation.progress import progress_bar
-from curation.ray_runtime import QUIET_ENV
 from curation.safety import POLICY_ENV, UrlPolicy
 
 

@@ -12,14 +12,14 @@ filters have not run yet or whose reason is missing.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.atomic import write_json
+from common.atomic import write_json
+from curation.filters import hint
 from curation.manifest import REJECT_REASONS, STATUSES
 
 if TYPE_CHECKING:
@@ -115,28 +115,6 @@ def write_funnel_json(f: dict, path: str | Path) -> Path:
     return write_json(path, f, indent=2)
 
 
-def _why(reason: str, cfg: CurateConfig) -> tuple[str, str] | None:
-    """(what the check refuses, what to do to keep those rows), or None for a reason no setting explains."""
-    m, side = cfg.models, math.isqrt(cfg.min_area)
-    area = f"{cfg.min_area} px" + (f" = {side}²" if side * side == cfg.min_area else "")
-    return {
-        "unsafe_url": ("refused by the URL guard", "admit the hosts you trust with --allow-hosts (curate.allow_hosts)"),
-        "failed_download": ("see the manifest's error column", "check the URLs and that their server answers"),
-        "failed_decode": ("not decodable; see the manifest's error column", "check what the URLs serve"),
-        "min_area": (f"images below {area}", "lower curate.min_area to keep them"),
-        "aspect": (f"width / height outside {cfg.min_aspect:g}-{cfg.max_aspect:g}",
-                   "widen curate.min_aspect / curate.max_aspect to keep them"),
-        "blur": (f"Laplacian variance below {cfg.min_blur:g}", "lower curate.min_blur to keep them"),
-        "entropy": (f"entropy below {cfg.min_entropy:g} bits", "lower curate.min_entropy to keep them"),
-        "luminance": (f"mean luminance outside {cfg.min_luminance:g}-{cfg.max_luminance:g}",
-                      "widen curate.min_luminance / curate.max_luminance to keep them"),
-        "clip_score": (f"CLIP score below {m.min_clip_score:g}", "lower curate.models.min_clip_score to keep them"),
-        "aesthetic": (f"aesthetic score below {m.min_aesthetic:g}", "lower curate.models.min_aesthetic to keep them"),
-        "nsfw": (f"NSFW score above {m.max_nsfw:g}", "raise curate.models.max_nsfw to keep them"),
-        "watermark": (f"watermark score above {m.max_watermark:g}", "raise curate.models.max_watermark to keep them"),
-    }.get(reason)
-
-
 def funnel_hint(f: dict, cfg: CurateConfig) -> str | None:
     """One line naming the check, its threshold and the setting to change, when nothing was kept (the check that
     removed the most) or when one check removed NEARLY_ALL of the rows that reached it; else None."""
@@ -148,12 +126,12 @@ def funnel_hint(f: dict, cfg: CurateConfig) -> str | None:
         reason, n, _ = max(checks, key=lambda c: c[1])
         if not n:  # no reason recorded (a manifest of rows not yet filtered)
             return f"curate: kept 0 of {f['total']}"
-        why = _why(reason, cfg)
+        why = hint(reason, cfg)
         others = ", ".join(f"{r} {k}" for r, k, _ in checks if k and r != reason)
         return (f"curate: kept 0 of {f['total']}: {reason} rejected {n}" + (f" ({why[0]}); {why[1]}" if why else "")
                 + (f"; also {others}" if others else ""))
     for reason, n, seen in checks:
-        why = _why(reason, cfg)
+        why = hint(reason, cfg)
         if why and seen >= HINT_MIN_ROWS and n >= NEARLY_ALL * seen:
             return f"curate: {reason} rejected {n} of the {seen} rows that reached it ({why[0]}); {why[1]}"
     return None

@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.atomic import recover_folder
+from common.atomic import recover_folder
+from curation import filters
 
 # `status`: what happened to the bytes (img2dataset's success / failed_to_download / failed_to_resize).
 STATUS_OK = "ok"
@@ -19,25 +20,9 @@ STATUS_FAILED_DOWNLOAD = "failed_download"
 STATUS_FAILED_DECODE = "failed_decode"
 STATUSES = (STATUS_OK, STATUS_FAILED_DOWNLOAD, STATUS_FAILED_DECODE)
 
-# `reject_reason`: the first check, in this order, that rejected the row; null when kept.
-REJECT_REASONS = (
-    "unsafe_url",  # refused by the URL guard before any request (status failed_download)
-    "failed_download",
-    "failed_decode",
-    "min_area",
-    "aspect",
-    "blur",
-    "entropy",
-    "luminance",
-    "clip_score",
-    "aesthetic",
-    "nsfw",
-    "watermark",
-    "duplicate",
-)
-
-# One float column per filter score; null when that filter did not run for the row.
-SCORE_COLUMNS = ("blur", "entropy", "luminance", "clip_score", "aesthetic", "nsfw", "watermark")
+# `reject_reason`: the first check of curation/filters.py's chain that rejected the row (null when kept); one float
+# column per scored filter, null when that filter did not run for the row. Both in the chain's order.
+REJECT_REASONS, SCORE_COLUMNS = filters.REJECT_REASONS, filters.SCORE_COLUMNS
 
 MANIFEST_SCHEMA = pa.schema(
     [

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curation.atomic import write_json
+from common.atomic import write_json
 
 MARKER_DIR = "_done"  # a leading "_" keeps pandas, pyarrow, Ray Data and img2dataset's `*.json` glob out of it
 

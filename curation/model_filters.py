@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 
 from curation.config import ModelFiltersConfig
+from curation.filters import checks, first_reason
 
-# In manifest.REJECT_REASONS order.
-MODEL_CHECKS = ("clip_score", "aesthetic", "nsfw", "watermark")
+MODEL_CHECKS = checks("model")  # clip_score, aesthetic, nsfw, watermark (curation/filters.py's order)
 HEADS = ("aesthetic", "nsfw", "watermark")
 
 
@@ -231,17 +231,4 @@ def scores_at(out: dict[str, np.ndarray | None], i: int) -> dict[str, float | No
 def model_reason(scores: dict[str, float | None], cfg: ModelFiltersConfig) -> str | None:
     """The first failing check of MODEL_CHECKS, or None. A None or NaN score (filter off, no alt text) never
     rejects."""
-
-    def known(name):
-        v = scores.get(name)
-        return v is not None and not math.isnan(v)
-
-    if known("clip_score") and scores["clip_score"] < cfg.min_clip_score:
-        return "clip_score"
-    if known("aesthetic") and scores["aesthetic"] < cfg.min_aesthetic:
-        return "aesthetic"
-    if known("nsfw") and scores["nsfw"] > cfg.max_nsfw:
-        return "nsfw"
-    if known("watermark") and scores["watermark"] > cfg.max_watermark:
-        return "watermark"
-    return None
+    return first_reason("model", scores, cfg)

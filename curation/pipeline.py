@@ -25,15 +25,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.atomic import recover_folder, staging_dir, swap_folder, write_json
+from common.atomic import recover_folder, staging_dir, swap_folder, write_json
+from common.progress import progress_bar
+from common.ray_runtime import init_ray
 from curation.config import CurateConfig
 from curation.dedup import find_duplicates
 from curation.download import KEY_COLUMN, download, download_stamp, ray_runtime_env, url_policy, write_download_input
 from curation.funnel import format_funnel, funnel, funnel_hint, write_funnel_json
 from curation.inputs import read_url_list
 from curation.manifest import MANIFEST_COLUMNS, MANIFEST_SCHEMA, STATUS_FAILED_DOWNLOAD, manifest_dir
-from curation.progress import progress_bar
-from curation.ray_runtime import init_ray
 from curation.report import write_report
 from curation.safety import UrlGuard, iri_to_uri
 from curation.shard_filter import FILTERED_SCHEMA, ShardFilter, filter_config_hash, shard_done

@@ -7,8 +7,8 @@ Pure functions over one image; curation/shard_filter.py calls them per shard mem
     reason = pixel_reason(img.shape[1], img.shape[0], scores, cfg)   # None when it passes
     exact, phash = image_hashes(img)                     # dedup keys: sha1 hex of the pixels, pHash as int64
 
-Every score is recorded whether or not it rejected; the reason is the first failing check in PIXEL_CHECKS, which
-is the pixel slice of manifest.REJECT_REASONS.
+Every score is recorded whether or not it rejected; the reason is the first failing pixel check of
+curation/filters.py's chain (PIXEL_CHECKS, in its order).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from common.decode import decode_rgb
 from curation.config import CurateConfig
-from curation.decode import decode_rgb
+from curation.filters import checks, first_reason
 
-# In manifest.REJECT_REASONS order (checked by the tests).
-PIXEL_CHECKS = ("min_area", "aspect", "blur", "entropy", "luminance")
+PIXEL_CHECKS = checks("pixel")  # min_area, aspect, blur, entropy, luminance
 
 # Blur is measured with the shorter side resized to this, so `min_blur` means the same for a 300 px thumbnail and
 # a 6000 px photo (the Laplacian's variance of one scene grows as it is downscaled and shrinks as it is upscaled).
@@ -35,7 +35,7 @@ THUMB_SIDE = 8  # dedup's confirmation thumbnail: (8, 8, 3) uint8, 192 bytes a r
 
 
 def decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Bytes → (H, W, 3) uint8 RGB, as a browser shows it: curation.decode.decode_rgb (EXIF orientation applied,
+    """Bytes → (H, W, 3) uint8 RGB, as a browser shows it: common.decode.decode_rgb (EXIF orientation applied,
     alpha over white, 16-bit modes scaled), as the array the filters take.
 
     The header's size is checked against `max_pixels` before any pixel is decoded.
@@ -89,19 +89,7 @@ def _working_resolution(gray: np.ndarray) -> np.ndarray:
 
 def pixel_reason(width: int, height: int, scores: dict[str, float | None], cfg: CurateConfig) -> str | None:
     """The first failing check of PIXEL_CHECKS, or None. A missing (None) score never rejects."""
-    if width * height < cfg.min_area:
-        return "min_area"
-    aspect = width / height
-    if not cfg.min_aspect <= aspect <= cfg.max_aspect:
-        return "aspect"
-    blur, entropy, lum = scores.get("blur"), scores.get("entropy"), scores.get("luminance")
-    if blur is not None and blur < cfg.min_blur:
-        return "blur"
-    if entropy is not None and entropy < cfg.min_entropy:
-        return "entropy"
-    if lum is not None and not cfg.min_luminance <= lum <= cfg.max_luminance:
-        return "luminance"
-    return None
+    return first_reason("pixel", {"width": width, "height": height, **scores}, cfg)
 
 
 def image_hashes(img: np.ndarray) -> tuple[str, int]:

@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from common.decode import decode_rgb
+from common.html import figure_tag, image_tag, new_figure, table_html, write_page
 from curation.config import CurateConfig
-from curation.decode import decode_rgb
 from curation.download import read_members
 from curation.funnel import funnel
-from curation.html import figure_tag, image_tag, new_figure, table_html, write_page
 from curation.manifest import MANIFEST_COLUMNS, REJECT_REASONS, SCORE_COLUMNS
 
 THUMB_SIDE = 128

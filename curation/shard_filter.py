@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.atomic import atomic_path
+from common.atomic import atomic_path
 from curation.config import CurateConfig
 from curation.download import KEY_COLUMN, download_stamp
-from curation.manifest import STATUS_FAILED_DECODE, STATUS_FAILED_DOWNLOAD, STATUS_OK
+from curation.manifest import SCORE_COLUMNS, STATUS_FAILED_DECODE, STATUS_FAILED_DOWNLOAD, STATUS_OK
 from curation.markers import marker_path, read_marker, stale_reason, write_marker
 from curation.markers import read_markers  # noqa: F401 — bench/curate.py reads the filtered markers from here
 from curation.pixel_filters import decode, image_hashes, pixel_reason, pixel_scores, thumbnail
@@ -41,7 +41,7 @@ FILTERED_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("sha256", pa.string()),
-        *[(c, pa.float32()) for c in ("blur", "entropy", "luminance", "clip_score", "aesthetic", "nsfw", "watermark")],
+        *[(c, pa.float32()) for c in SCORE_COLUMNS],  # curation/filters.py's chain order
         ("reject_reason", pa.string()),
         ("shard", pa.string()),
         ("member", pa.string()),

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 
-from curation.atomic import atomic_path
+from common.atomic import atomic_path
 from inference import lens_format, lora
 from inference.config import ModelConfig
 from inference.mmdit import MMDiT

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curation.atomic import atomic_path, write_json
+from common.atomic import atomic_path, write_json
 from inference.config import ModelConfig
 from inference.text import GPT_OSS_LAYERS
 

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from curation.atomic import write_json
+from common.atomic import write_json
 from pipelines.ablate_data import resolve_shard_set, words_json
 from training.caption_variants import split_variant, truncated
 from training.train_config import TrainConfig

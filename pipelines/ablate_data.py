@@ -12,7 +12,7 @@ import shlex
 from collections import defaultdict
 from pathlib import Path
 
-from curation.atomic import write_json
+from common.atomic import write_json
 from training.caption_variants import split_variant
 from training.train_config import TrainConfig
 

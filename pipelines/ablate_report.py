@@ -244,7 +244,7 @@ def _colors(rows: list[Row]) -> dict[str, tuple]:
 
 
 def plot_adherence(path: Path, rows: list[Row]) -> None:
-    from curation.html import new_figure
+    from common.html import new_figure
 
     sets = [name for name in PROMPT_SETS if any(name in r.scores for r in rows)]
     fig = new_figure(10, 3.4 * len(sets))
@@ -276,7 +276,7 @@ def plot_adherence(path: Path, rows: list[Row]) -> None:
 
 
 def plot_val_loss(path: Path, rows: list[Row]) -> None:
-    from curation.html import new_figure
+    from common.html import new_figure
 
     fig = new_figure(7, 3.5)
     ax, colors = fig.gca(), _colors(rows)
@@ -295,7 +295,7 @@ def plot_val_loss(path: Path, rows: list[Row]) -> None:
 
 
 def plot_words(path: Path, rows: list[Row], words: dict[str, dict]) -> None:
-    from curation.html import new_figure
+    from common.html import new_figure
 
     fig = new_figure(max(5, 1.1 * len(rows)), 3.2)
     ax, colors = fig.gca(), _colors(rows)
@@ -313,7 +313,7 @@ def plot_sweep(path: Path, rows: list[Row], sweep_base: str, sweep_names: list[s
     on each model's own prompts (the dense prompt cut to its N words); the other variants as labelled points."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    from curation.html import new_figure
+    from common.html import new_figure
 
     fig = new_figure(7, 3.8)
     ax = fig.gca()

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from captioning.config import CaptionConfig
-from curation.atomic import write_text
+from common.atomic import write_text
 from curation.config import CurateConfig
 from pipelines.run_config import RunConfig
 from scenes.config import ScenesConfig

@@ -198,7 +198,7 @@ def check_img2dataset_env(modules: list[str] | None = None, root: Path = REPO) -
     name = "img2dataset env"
     if unset:
         return Check(name, MISSING, f"{ALBUMENTATIONS_ENV}=1 not set on import by {', '.join(unset)}",
-                     "import curation.ray_runtime (QUIET_ENV) at the top of that module")
+                     "import common.ray_runtime (QUIET_ENV) at the top of that module")
     yours = "set" if os.environ.get(ALBUMENTATIONS_ENV) == "1" else "unset"
     return Check(name, OK, f"{ALBUMENTATIONS_ENV}=1 set on import by {', '.join(modules) or '(no module imports it)'}"
                  f"; in this shell: {yours} (set it where you import img2dataset yourself)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from curation.html import figure_tag, image_tag, new_figure, table_html, write_page
+from common.html import figure_tag, image_tag, new_figure, table_html, write_page
 from pipelines.run_config import STAGES
 from pipelines.sample import final_dir
 from pipelines.stage_cache import read_marker

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curation.data_lock import data_lock
+from common.data_lock import data_lock
 from pipelines.config import load_section, read_yaml, save_resolved
 from pipelines.run_config import STAGES, RunConfig
 from pipelines.stage_cache import file_digest, is_done, mark_done, read_marker, stage_key
@@ -160,7 +160,7 @@ def run_pipeline(config: str | None, overrides: list[str] | None = None, out: st
 def start_ray(plan: Plan) -> None:
     """One Ray runtime for the data stages, with curate's worker setup (the URL guard) in its runtime env."""
     from curation.pipeline import ray_runtime_env
-    from curation.ray_runtime import init_ray
+    from common.ray_runtime import init_ray
 
     init_ray(plan.run.ray_address, ray_runtime_env(plan.cfgs["curate"]))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curation.atomic import write_json
+from common.atomic import write_json
 from pipelines.run_config import GridConfig
 
 FINAL_DIR = "samples/final"

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from curation.atomic import write_json
+from common.atomic import write_json
 
 MARKER_DIR = ".lensforge/stages"
 

@@ -1,4 +1,4 @@
-"""Samples per aspect bucket: a terminal table and DATA/reports/buckets.html (curation/html.py helpers).
+"""Samples per aspect bucket: a terminal table and DATA/reports/buckets.html (common/html.py helpers).
 
     print(format_buckets(index, changes))
     write_bucket_report(data / "reports" / "buckets.html", set_dir, index, changes, skipped, errors, estimate)
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from curation.html import figure_tag, new_figure, table_html, write_page
+from common.html import figure_tag, new_figure, table_html, write_page
 
 ERRORS_SHOWN = 50
 

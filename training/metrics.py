@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from curation.progress import progress_bar
+from common.progress import progress_bar
 from inference.config import ModelConfig
 from inference.flow import RectifiedFlow, pad_text
 from inference.text import TextEncoder

@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from curation.atomic import atomic_path, publish, write_json, write_text
-from curation.ray_runtime import init_ray
+from common.atomic import atomic_path, publish, write_json, write_text
+from common.ray_runtime import init_ray
 from training.bucket_report import format_buckets, write_bucket_report
 from training.buckets import BucketTable
 from training.cache_key import encoders_record, loaded_mismatches, table_for
@@ -128,7 +128,7 @@ def _clean(set_dir: Path, hashes: dict[str, str]) -> None:
         record = read_done(set_dir / shard)
         if record is not None and record.get("plan") == plan_hash and (why := tar_mismatch(set_dir / shard, record)):
             print(f"precompute: {why}: redoing {shard}")
-    for path in set_dir.glob("*/.shard-*.tmp"):  # a marker a kill caught mid-write (curation/atomic.py's names)
+    for path in set_dir.glob("*/.shard-*.tmp"):  # a marker a kill caught mid-write (common/atomic.py's names)
         path.unlink()
     for path in set_dir.glob("*/shard-*"):
         shard = f"{path.parent.name}/{path.name.replace('.done.json', '.tar').removesuffix('.tmp')}"

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from captioning.schema import ALT_VARIANT, STATUS_OK, choose_sources, latest_captions
-from curation.decode import displayed_size
+from common.decode import displayed_size
 from curation.download import tar_index
 from curation.manifest import read_manifest
 from training.buckets import BucketTable

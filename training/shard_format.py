@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from curation.atomic import write_json
+from common.atomic import write_json
 
 FORMAT_VERSION = 2  # 2: Lens's chat for gpt-oss (template, date, offset in the key), no token-id samples
 ENCODERS_FILE = "encoders.json"

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from curation.atomic import sync_dir, sync_tree
+from common.atomic import sync_dir, sync_tree
 from inference.checkpoint import SPEC_FILE, STEP_DIR, CheckpointSpec, save_checkpoint, step_dir_name, step_of
 from inference.lora import ADAPTER_FILES, LORA_KEY, LoraInfo, save_adapter
 from inference.mmdit import MMDiT

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from curation.atomic import write_json
+from common.atomic import write_json
 from inference.checkpoint import CheckpointSpec, DenoiserSource, describe_denoiser, source_fingerprint
 from inference.flow import RectifiedFlow
 from inference.lora import LoraInfo

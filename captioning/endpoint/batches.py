@@ -30,7 +30,7 @@ from pathlib import Path
 
 from captioning.endpoint.describe_request import RequestError, caption, completion_body, read_request
 from captioning.endpoint.faults import FaultInjector
-from curation.atomic import write_json
+from common.atomic import write_json
 
 BATCH_ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"

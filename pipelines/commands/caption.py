@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """One captioning writer per DATA (a second run would ask and pay for the same keys); a dry run reads only."""
-    from curation.data_lock import data_lock
+    from common.data_lock import data_lock
 
     if args.dry_run:
         return _run(args)

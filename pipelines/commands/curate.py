@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from curation.data_lock import data_lock
+    from common.data_lock import data_lock
     from curation.pipeline import curate
 
     allow = [h.strip() for h in args.allow_hosts.split(",") if h.strip()] if args.allow_hosts else None

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from curation.atomic import write_json
+from common.atomic import write_json
 
 NAME = "generate"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
@@ -161,7 +161,7 @@ def warn_if_slow(pipe, width: int, height: int, cfg: float, batch: int, steps: i
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from curation.progress import progress_bar
+    from common.progress import progress_bar
     from inference.checkpoint import describe_denoiser, latest_step_dir, stored_dtype
     from inference.generate import Pipeline, make_grid, parse_size, size_for_aspect, validate_size
 

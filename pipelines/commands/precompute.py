@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from curation.data_lock import data_lock
+    from common.data_lock import data_lock
     from training.precompute import precompute
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
     import os
 
-    from curation.data_lock import data_lock
+    from common.data_lock import data_lock
     from training.trainer import TrainingStopped, train
 
     # one run writes RUN: rank 0 holds the lock (torchrun's other ranks share the run with it)

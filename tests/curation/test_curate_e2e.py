@@ -226,7 +226,7 @@ def test_parquet_folders_read_with_pandas_pyarrow_and_ray_data(world, manifest):
     import pyarrow.dataset as ds
     import ray
 
-    from curation.ray_runtime import init_ray
+    from common.ray_runtime import init_ray
 
     filtered, folder = world["data"] / "filtered", world["data"] / "manifest"
     assert len(pd.read_parquet(folder)) == len(manifest) == ds.dataset(folder).count_rows()

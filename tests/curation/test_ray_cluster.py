@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from common.ray_runtime import LOOPBACK_ONLY_ENV, QUIET_ENV
 from curation.manifest import read_manifest
-from curation.ray_runtime import LOOPBACK_ONLY_ENV, QUIET_ENV
 from curation.shard_filter import read_markers
 from scenes import render_dataset, start_server
 from scenes.config import ScenesConfig

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from common.html import figure_tag, image_tag, new_figure, page, table_html, write_page
 from curation.config import CurateConfig
 from curation.funnel import format_funnel, funnel, write_funnel_json
-from curation.html import figure_tag, image_tag, new_figure, page, table_html, write_page
 from curation.manifest import MANIFEST_SCHEMA, REJECT_REASONS, SCORE_COLUMNS, make_key
 from curation.report import write_report
 

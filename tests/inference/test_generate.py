@@ -241,7 +241,7 @@ def test_sampling_shows_progress_and_warns_when_the_cpu_will_be_slow(run_dir, tm
     argv = ["generate", "x", "--run", str(run_dir), "--out", str(tmp_path / "o"), "--n", "3", "--batch-size", "2",
             "--steps", "2", "--device", "cpu"]
     assert lensforge(argv) == 0
-    err = capsys.readouterr().err  # not a terminal: plain progress lines (curation/progress.py)
+    err = capsys.readouterr().err  # not a terminal: plain progress lines (common/progress.py)
     assert "generate: 4/4 (100 %)" in err and "warning" not in err  # 2 batches × 2 steps; tiny at 32²: fast
     monkeypatch.setattr(command, "CPU_FLOPS", 1e5)  # a CPU slow enough that even this step takes long
     assert lensforge(argv) == 0

@@ -67,7 +67,7 @@ def ray_local():
     """One local Ray runtime for the module (starting one costs seconds)."""
     import ray
 
-    from curation.ray_runtime import init_ray
+    from common.ray_runtime import init_ray
 
     init_ray()
     yield

@@ -1,4 +1,4 @@
-"""curation.decode: every Pillow mode a web image arrives in, saved in a real format, decodes to what a browser
+"""common.decode: every Pillow mode a web image arrives in, saved in a real format, decodes to what a browser
 shows on a white page (compared with references computed here from the known pixel values)."""
 
 import io
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.decode import decode_rgb, displayed_size, to_rgb
+from common.decode import decode_rgb, displayed_size, to_rgb
 
 H, W = 48, 64
 Y, X = np.mgrid[0:H, 0:W]

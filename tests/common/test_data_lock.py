@@ -1,4 +1,4 @@
-"""curation/data_lock.py: one writer per folder. A second process is refused in one line naming the holder; the
+"""common/data_lock.py: one writer per folder. A second process is refused in one line naming the holder; the
 lock of a SIGKILLed process is taken over, and said so; a process's own nested locks do not block it."""
 
 import json
@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from curation.data_lock import LOCK_FILE, FolderBusy, data_lock
+from common.data_lock import LOCK_FILE, FolderBusy, data_lock
 from pipelines import cli
 
-HOLD = "from curation.data_lock import data_lock; import sys, time\nwith data_lock(sys.argv[1], 'caption'):\n" \
+HOLD = "from common.data_lock import data_lock; import sys, time\nwith data_lock(sys.argv[1], 'caption'):\n" \
        "    print('held', flush=True); time.sleep(60)"
 
 

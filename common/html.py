@@ -3,7 +3,7 @@
 Everything is inlined: charts and thumbnails as base64 data URIs, CSS in a <style> block, no scripts and no
 external assets, so a report opens offline and can be mailed or archived as one file.
 
-    from curation.html import new_figure, figure_tag, table_html, write_page
+    from common.html import new_figure, figure_tag, table_html, write_page
     fig = new_figure(6, 3); fig.gca().plot([1, 2, 3])
     write_page("DATA/reports/x.html", "x", [("A chart", figure_tag(fig)), ("Rows", table_html(rows))])
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from curation.atomic import write_text
-from curation.decode import has_alpha, to_rgb
+from common.atomic import write_text
+from common.decode import has_alpha, to_rgb
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1200px;

@@ -1,8 +1,8 @@
-"""curation/progress.py: a non-terminal gets plain rate-limited lines, never carriage-return redraws."""
+"""common/progress.py: a non-terminal gets plain rate-limited lines, never carriage-return redraws."""
 
 import io
 
-from curation import progress
+from common import progress
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""curation/atomic.py: a folder swap that a kill interrupts at any point leaves the old or the new folder whole,
+"""common/atomic.py: a folder swap that a kill interrupts at any point leaves the old or the new folder whole,
 and the manifest goes through it (write_manifest → read_manifest)."""
 
 import os
@@ -6,7 +6,7 @@ import os
 import pandas as pd
 import pytest
 
-from curation import atomic
+from common import atomic
 from curation.manifest import MANIFEST_COLUMNS, read_manifest
 from curation.pipeline import write_manifest
 
