@@ -183,7 +183,8 @@ def write_transformer_dir(state: dict, cfg: ModelConfig, out: str | Path, layers
     split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
         with atomic_path(out / filename) as tmp:
-            save_file({n: state[n].contiguous() for n in names}, str(tmp), metadata={"format": "pt", **(metadata or {})})
+            save_file({n: state[n].contiguous() for n in names}, str(tmp),
+                      metadata={"format": "pt", **(metadata or {})})
     if split.is_sharded:
         _write_json(out / INDEX_NAME, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
     _write_json(out / CONFIG_FILE, release_config(cfg, layers))

@@ -37,7 +37,8 @@ def write_run_report(plan) -> Path:
 
 
 def _intro(plan) -> str:
-    links = [f'<a href="reports/{name}">{name}</a>' for name in STAGE_REPORTS if (plan.data / "reports" / name).exists()]
+    links = [f'<a href="reports/{name}">{name}</a>' for name in STAGE_REPORTS
+             if (plan.data / "reports" / name).exists()]
     return (f"<p>Data: <code>{escape(str(plan.data))}</code>; training run: <code>{escape(str(plan.train_dir))}"
             f"</code>. Stage reports: {', '.join(links) or 'none'}.</p>")
 
