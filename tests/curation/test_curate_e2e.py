@@ -175,6 +175,7 @@ def test_kill_and_resume_gives_the_same_manifest(world, manifest, tmp_path):
         assert (data / "download" / name).stat().st_mtime_ns == mtime, name
 
 
+@pytest.mark.slow  # ~21 s; tests/pipelines/test_run.py's rerun of every stage covers a rerun changing nothing
 def test_rerun_of_a_finished_run_changes_nothing(world, manifest):
     before = {p.name: p.stat().st_mtime_ns for p in (world["data"] / "filtered").glob("*.parquet")}
     finish(run_curate(world["urls"], world["data"], world["config"]))
@@ -183,6 +184,7 @@ def test_rerun_of_a_finished_run_changes_nothing(world, manifest):
     pd.testing.assert_frame_equal(read_manifest(world["data"]).to_pandas(), manifest)
 
 
+@pytest.mark.slow  # ~21 s; the download-tar case below exercises the same markers (curation/markers.py) fast
 def test_a_deleted_or_cut_filtered_part_is_filtered_again_not_trusted_to_its_marker(world, manifest, tmp_path):
     import shutil
 
