@@ -282,12 +282,13 @@ def precompute(data: str | Path, cfg: PrecomputeConfig, ray_address: str | None 
     print(format_estimate(est))
     set_dir.mkdir(parents=True, exist_ok=True)
     _clean(set_dir, hashes)
-    todo = rows[~rows["shard"].map(lambda s: shard_done(set_dir, s, hashes[s]))]
+    done = {s for s, h in hashes.items() if shard_done(set_dir, s, h)}  # one marker read per shard, not per row
+    todo = rows[~rows["shard"].isin(done)]
     check_budget(est, cfg, est["per_sample"] * len(todo), set_dir)
     write_encoders(set_dir, record)
     write_text(set_dir / "config.precompute.yaml",
                yaml.safe_dump({"precompute": json.loads(cfg.model_dump_json())}, sort_keys=False))
-    print(f"precompute: shard set {set_dir} — {len(hashes)} shards, {len(hashes) - todo['shard'].nunique()} "
+    print(f"precompute: shard set {set_dir} — {len(hashes)} shards, {len(done)} "
           f"already done, {len(todo):,} images to encode")
     if len(todo):
         timings.update(encode_shards(todo, cfg, table, data, set_dir, hashes))

@@ -108,19 +108,24 @@ def test_sigkill_at_random_moments_loses_only_what_was_in_flight(cap_endpoint, c
         print(f"\nkills (answered by the endpoint vs rows on disk): {log}")
 
 
+def stop_with_sigterm(proc, handle, data, timeout: float) -> tuple[dict, pd.DataFrame, re.Match]:
+    """SIGTERM `proc`, check it exits 143 with the one stop line and nothing abandoned; (endpoint stats once idle,
+    the rows on disk, the stop line's match)."""
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    line = STOP_LINE.fullmatch(out.strip().splitlines()[-1])
+    assert line and line[1] == "SIGTERM" and line[3] == "0", out[-2000:]
+    return wait_idle(handle), read_captions(data).to_pandas(), line
+
+
 def test_sigterm_drains_the_requests_in_flight_and_saves_them(cap_endpoint, cap_large_data):
     handle, base_url = cap_endpoint
     handle.set_faults(latency_s=1.0)
     proc = start(cap_large_data, base_url)
     wait_for(lambda: handle.stats()["answered"] >= 6, 30, proc)
-    proc.send_signal(signal.SIGTERM)
     sent = handle.stats()["requests"]
-    out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
-    line = STOP_LINE.fullmatch(out.strip().splitlines()[-1])
-    assert line and line[1] == "SIGTERM" and line[3] == "0", out[-2000:]
-    stats = wait_idle(handle)
-    rows = read_captions(cap_large_data).to_pandas()
+    stats, rows, line = stop_with_sigterm(proc, handle, cap_large_data, 60)
     assert stats["answered"] == len(rows) == int(line[2])  # every answer, the drained ones too, is in a part
     assert stats["requests"] == stats["answered"] and not list(journal_dir(cap_large_data).glob("*.jsonl"))
     assert stats["requests"] <= sent + CONCURRENCY  # nothing new after the signal (bar the moment it took)
@@ -228,13 +233,7 @@ def test_sigterm_is_forwarded_to_ray_workers_which_drain(cap_endpoint, cap_large
     handle.set_faults(latency_s=1.0)
     proc = start(cap_large_data, base_url, "--workers", "2")
     wait_for(lambda: handle.stats()["answered"] >= 6, 120, proc)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=90)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
-    line = STOP_LINE.fullmatch(out.strip().splitlines()[-1])
-    assert line and line[1] == "SIGTERM" and line[3] == "0", out[-2000:]
-    stats = wait_idle(handle)
-    rows = read_captions(cap_large_data).to_pandas()
+    stats, rows, line = stop_with_sigterm(proc, handle, cap_large_data, 90)
     assert stats["answered"] == len(rows) == int(line[2]) < 2 * len(kept(cap_large_data))
     assert {p.name.split("-")[3] for p in (cap_large_data / "captions").glob("part-*.parquet")} == {"000", "001"}
 
