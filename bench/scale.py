@@ -1,23 +1,25 @@
 """How the data stages' drivers scale with rows: wall time and the driver process's peak RSS per stage, at several
 row counts, on synthetic state written in the real on-disk formats (issue 15's measurements).
 
-    .venv/bin/python bench/scale.py [--sizes 10000,100000,1000000] [--stages guard,dedup,caption,precompute]
-                                    [--out bench-out/scale] [--timeout-s 1800]
+    .venv/bin/python bench/scale.py [--sizes 10000,100000,1000000] [--stages guard,input,dedup,caption,precompute]
+                                    [--out bench-out/scale] [--timeout-s 1800] [--label after]
+    .venv/bin/python bench/scale.py --sizes 10000000 --stages input      # the 10 M-row URL list (URLs only)
 
-Stages, each run alone in its own process (its peak RSS is that process's ru_maxrss, from os.wait4):
-  guard       `lensforge curate` on N URLs that the URL guard refuses statically (loopback URLs, another host
-              allowed): reading, keying, guarding, the manifest and reports, with nothing fetched.
-  dedup       dedup + manifest over N filtered rows (curation/pipeline.py: read_url_list, read_filtered, dedup,
-              build_manifest, write_manifest): the post-download driver work of `lensforge curate`.
-  caption     caption planning: `pending_work` over the manifest's kept rows, half of them captioned already.
-  precompute  precompute planning: caption_sources, read_candidates, locate_images, assign_buckets, assign_shards,
-              shard_hashes over the captioned rows.
-The state per size: an N-row URL list; download tars of 10,000 members (one 16² JPEG's bytes each); filtered parts
-(10 % rejected by a filter, 1 % exact and 1 % perceptual duplicates, 192-byte thumbnails, no CLIP embeddings, as
-with `models.clip_model: null`); the dedup stage's manifest; dense captions of ~100 words for half the kept rows.
-Printed per stage and size: seconds, µs per row, peak RSS in MB, and the ratios the issue's goals are stated in
-(RSS at the largest size over the one below it; time per row over the smallest size's). Time alone on the machine:
-two torch or Ray processes on 2 cores slow each other many times over.
+Stages, each run alone in its own process; its peak RSS is that process's own (RUSAGE_SELF: the driver; Ray's
+GCS, raylet and workers are other processes, bounded per part):
+  guard       `curate()` on N URLs that the URL guard refuses statically (loopback URLs, another host allowed):
+              input shards, img2dataset over refused rows (never fetched), filter, dedup, manifest and reports.
+  input       the URL list read in record batches, keyed, guarded and cut into input shards (DATA/input/).
+  dedup       dedup (map, reduce, groups: curation/dedup_job.py) + the manifest parts over N filtered rows: the
+              post-download work of `lensforge curate`.
+  caption     caption planning over the manifest's kept rows, half of them captioned already.
+  precompute  precompute planning (bucket and shard per row) over the captioned rows.
+The state per size: an N-row URL list; input shards; download tars of 10,000 members (one 16² JPEG's bytes each);
+filtered parts (10 % rejected by a filter, 1 % exact and 1 % perceptual duplicates, 192-byte thumbnails, no CLIP
+embeddings, as with `models.clip_model: null`) and their markers; the dedup stage's manifest; dense captions of
+~100 words for half the kept rows. With `--stages input` alone only the URL list is written. Printed per stage and
+size: seconds, µs per row, peak RSS in MB, and the ratios the issue's goals are stated in (time per row over the
+smallest size's). Time alone on the machine: two torch or Ray processes on 2 cores slow each other many times over.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -38,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # bench.report, also for `python bench/scale.py`
 from bench.report import emit, row  # noqa: E402
 
-STAGES = ("guard", "dedup", "caption", "precompute")
+STAGES = ("guard", "input", "dedup", "caption", "precompute")
 SHARD = 10_000  # rows per download shard (curate.download.shard_size's default)
 MODEL = "gpt-4.1"
 WORDS = ("red", "blue", "green", "circle", "square", "triangle", "small", "large", "left", "right", "top",
@@ -66,11 +69,15 @@ def write_urls(n: int, path: Path) -> None:
 
 
 def write_downloads_and_filtered(n: int, data: Path, seed: int = 0) -> None:
-    """DATA/download/{shard}.tar (members `{key}.jpg`) and DATA/filtered/{shard}.parquet in FILTERED_SCHEMA."""
+    """DATA/input/{shard}.parquet (curation/input_shards.py), DATA/download/{shard}.tar (members `{key}.jpg`) and
+    DATA/filtered/{shard}.parquet in FILTERED_SCHEMA, with the filtered parts' markers."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from curation.input_shards import shard_path, write_shard
     from curation.manifest import make_key
+    from curation.markers import marker_path, write_marker
+    from curation.safety import UrlPolicy
     from curation.shard_filter import FILTERED_SCHEMA
 
     raw, rng = tiny_jpeg(), np.random.default_rng(seed)
@@ -106,6 +113,11 @@ def write_downloads_and_filtered(n: int, data: Path, seed: int = 0) -> None:
         for col in ("blur", "entropy", "luminance", "clip_score", "aesthetic", "nsfw", "watermark"):
             rows[col] = rng.random(len(keys)).astype(np.float32)
         pq.write_table(pa.table(rows, schema=FILTERED_SCHEMA), data / "filtered" / f"{shard}.parquet")
+        write_marker(marker_path(data / "filtered", shard), {"shard": shard, "config_hash": "bench",
+                     "download_stamp": shard}, data / "filtered", [f"{shard}.parquet"])
+        inputs = pa.table({"url": [f"http://127.0.0.1:9/img/{k}.jpg" for k in keys],
+                           "alt_text": [f"a scene number {int(k)}" for k in keys]})
+        write_shard(inputs, start, str(shard_path(data, shard)), UrlPolicy(allow_hosts=("127.0.0.1",)))
 
 
 def write_captions(data: Path, seed: int = 0) -> None:
@@ -132,28 +144,53 @@ def write_captions(data: Path, seed: int = 0) -> None:
 # --- the stages, each in its own process ------------------------------------------------------------------------
 
 
+def _driver_rss_mb() -> float:
+    """This process's own peak RSS (Ray's processes are not counted: the driver is what the issue bounds)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def stage_guard(root: Path) -> dict:
-    out = root / "guard"
-    cmd = [sys.executable, "-m", "pipelines.cli", "curate", "--urls", str(root / "urls.parquet"), "--out", str(out),
-           "--allow-hosts", "127.0.0.2"]  # every URL is on 127.0.0.1: refused before any request
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if done.returncode not in (0, 2):  # 2: nothing kept, as intended
-        raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
-    return {"rows": int(json.loads((out / "reports" / "funnel.json").read_text())["total"])}
+    from curation.config import CurateConfig
+    from curation.pipeline import NothingKeptError, curate
+
+    cfg = CurateConfig(allow_hosts=["127.0.0.2"])  # every URL is on 127.0.0.1: refused before any request
+    try:
+        summary = curate(root / "urls.parquet", root / "guard", cfg)
+    except NothingKeptError:  # nothing kept, as intended
+        summary = json.loads((root / "guard" / "reports" / "funnel.json").read_text())
+    return {"rows": summary["total"]}
+
+
+def stage_input(root: Path) -> dict:
+    """Read, key, guard and cut the URL list into input shards (DATA/input/), nothing else."""
+    from common.ray_runtime import init_ray
+    from curation.input_shards import cut, register
+    from curation.safety import UrlPolicy
+
+    out = root / "input"
+    shutil.rmtree(out, ignore_errors=True)
+    init_ray()
+    lists = register(out, root / "urls.parquet", SHARD)
+    entry = cut(out, root / "urls.parquet", lists[0], UrlPolicy(allow_hosts=("127.0.0.1",)))
+    return {"rows": entry.rows, "shards": entry.shards}
 
 
 def stage_dedup(root: Path) -> dict:
+    """Dedup (map, reduce, groups) and the manifest parts over N filtered rows, as `lensforge curate` runs them."""
+    from common.ray_runtime import init_ray
     from curation.config import CurateConfig
-    from curation.inputs import read_url_list
-    from curation.pipeline import FILTERED_SCHEMA, build_manifest, dedup, read_filtered, write_manifest
+    from curation.dedup_job import dedup_dir, run_dedup
+    from curation.manifest_writer import write_manifest_parts
 
     data, cfg = root / "data", CurateConfig(allow_hosts=["127.0.0.1"])
-    inputs, extra = read_url_list(root / "urls.parquet")
-    filtered = read_filtered(data, [c for c in FILTERED_SCHEMA.names if c != "embedding"])
-    dups = dedup(data, filtered, cfg)
-    manifest = build_manifest(inputs, {}, filtered, dups, extra)
-    write_manifest(manifest, data)
-    return {"rows": len(manifest), "kept": int(manifest["keep"].sum()), "duplicates": len(dups)}
+    shutil.rmtree(dedup_dir(data), ignore_errors=True)
+    shards = sorted(p.stem for p in (data / "filtered").glob("*.parquet"))
+    init_ray()
+    [dup_file] = run_dedup(data, cfg.dedup, [shards], embeddings=False)
+    summary, _ = write_manifest_parts(data, shards, set(shards), {s: dup_file for s in shards})
+    return {"rows": summary["total"], "kept": summary["kept"], "duplicates": summary["reject_reasons"]["duplicate"]}
 
 
 def stage_caption(root: Path) -> dict:
@@ -178,7 +215,7 @@ def stage_precompute(root: Path) -> dict:
     return {"candidates": len(rows), "shards": len(shard_hashes(rows, variants)), "errors": len(errors)}
 
 
-RUNNERS = {"guard": stage_guard, "dedup": stage_dedup, "caption": stage_caption, "precompute": stage_precompute}
+RUNNERS = {"guard": stage_guard, "input": stage_input, "dedup": stage_dedup, "caption": stage_caption, "precompute": stage_precompute}
 
 
 def measure(stage: str, root: Path, timeout_s: float) -> dict:
@@ -201,16 +238,19 @@ def measure(stage: str, root: Path, timeout_s: float) -> dict:
     out, err = proc.stdout.read(), proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{stage} failed: {err[-2000:]}")
-    # ru_maxrss (KiB on Linux) covers the stage process and the children it waited for (the guard's CLI process)
-    return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024, "result": json.loads(out.splitlines()[-1])}
+    result = json.loads(out.splitlines()[-1])
+    # the stage process's own peak (RUSAGE_SELF): Ray's raylet, GCS and workers are other processes
+    return {"seconds": seconds, "rss_mb": result.pop("driver_rss_mb"), "result": result}
 
 
-def build_state(n: int, root: Path) -> None:
-    if (root / "state.json").is_file():
+def build_state(n: int, root: Path, urls_only: bool = False) -> None:
+    if (root / "state.json").is_file() or (urls_only and (root / "urls.parquet").is_file()):
         return
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     write_urls(n, root / "urls.parquet")
+    if urls_only:
+        return
     write_downloads_and_filtered(n, root / "data")
     (root / "state.json").write_text(json.dumps({"rows": n, "seconds": round(time.perf_counter() - started, 1)}))
 
@@ -226,14 +266,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, dict]]:
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_stage:
-        print(json.dumps(RUNNERS[args.run_stage](Path(args.root))))
+        result = RUNNERS[args.run_stage](Path(args.root))
+        print(json.dumps({**result, "driver_rss_mb": round(_driver_rss_mb(), 1)}))
         return {}
     sizes = [int(s) for s in args.sizes.split(",")]
     stages = [s.strip() for s in args.stages.split(",")]
     results: dict[str, dict[int, dict]] = {s: {} for s in stages}
     for n in sizes:
         root = Path(args.out) / f"n{n}"
-        build_state(n, root)
+        build_state(n, root, urls_only=stages == ["input"])
         for stage in stages:
             if stage == "caption" and not (root / "data" / "captions").is_dir():
                 write_captions(root / "data")

@@ -54,8 +54,8 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None) -> Non
             from ray._private import ray_constants
 
             ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; ray may have been imported before
-            if not ray.is_initialized():
-                ray.init(runtime_env=runtime_env, log_to_driver=False, include_dashboard=False,
+            if not ray.is_initialized():  # "local": a new runtime, even where another Ray runs on the machine
+                ray.init(address="local", runtime_env=runtime_env, log_to_driver=False, include_dashboard=False,
                          configure_logging=False)
         return
     import ray

@@ -55,8 +55,6 @@ class DedupConfig(_Strict):
     clip: bool = True  # CLIP cosine, when embeddings exist
     clip_threshold: float = 0.985  # Lens's threshold
     cluster_size: int = Field(50_000, ge=2, description="k-means partitions of about this many images each")
-    memory_mb: float = Field(8192, gt=0, description="CLIP embeddings above this are searched out of core "
-                           "(k-means partitions spilled to DATA/dedup/)")
     keep: Literal["first", "best"] = "first"  # which copy keeps its place: first seen, or best aesthetic/clip
 
 

@@ -70,8 +70,10 @@ def find_duplicates(
     return {keys[i]: keys[kept[i]] for i in np.flatnonzero(kept != np.arange(n))}
 
 
-def _kept_copy(keys: np.ndarray, labels: np.ndarray, rank: np.ndarray | None, keep: str) -> np.ndarray:
-    """(N,) index of the kept copy of each image's group (itself when it is kept)."""
+def _kept_copy(keys: np.ndarray, labels: np.ndarray, rank: np.ndarray | None, keep: str,
+               prefer: np.ndarray | None = None) -> np.ndarray:
+    """(N,) index of the kept copy of each image's group (itself when it is kept). `prefer` (N,) bool: a group
+    with preferred members keeps one of them (an incremental dedup's rows already kept by an earlier list)."""
     n = len(keys)
     if keep == "best" and rank is None:
         raise ValueError('dedup keep="best" needs a rank (e.g. aesthetic or clip score) per image')
@@ -82,7 +84,8 @@ def _kept_copy(keys: np.ndarray, labels: np.ndarray, rank: np.ndarray | None, ke
     else:
         worse = -np.asarray(rank, dtype=np.float64)
         worse[np.isnan(worse)] = np.inf  # a missing score loses to any real one
-    order = np.lexsort((key_order, worse, labels))  # by group, then best rank, then smallest key
+    preferred = np.zeros(n, bool) if prefer is None else np.asarray(prefer, bool)
+    order = np.lexsort((key_order, worse, ~preferred, labels))  # by group, preferred, best rank, smallest key
     first = np.r_[True, labels[order][1:] != labels[order][:-1]]
     keeper = np.empty(labels.max() + 1, np.int64)
     keeper[labels[order][first]] = order[first]

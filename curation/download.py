@@ -21,10 +21,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.atomic import atomic_path
 from common.progress import progress_bar
 from common.ray_runtime import QUIET_ENV
 from curation.config import CurateConfig
+from curation.input_shards import SHARD_DIGITS
 from curation.markers import marker_path, read_marker, stale_reason, write_marker
 from curation.safety import POLICY_ENV, UrlPolicy
 
@@ -32,8 +32,7 @@ from curation.safety import POLICY_ENV, UrlPolicy
 TAR_INDEX_CACHE = 8  # tars whose member index stays in memory (a 10k-sample tar's index is ~1 MB)
 _index_cache: OrderedDict[tuple, dict[str, tuple[int, int]]] = OrderedDict()
 
-KEY_COLUMN = "lf_key"  # img2dataset reserves "key"; ours travels as an additional column
-SHARD_DIGITS = 5  # img2dataset's oom_shard_count
+KEY_COLUMN = "lf_key"  # img2dataset reserves "key"; ours travels as an additional column (input_shards.py)
 TAR_END = 2 * tarfile.BLOCKSIZE  # zero blocks that close every tar (tarfile then pads it to a 10 KiB record)
 
 
@@ -49,13 +48,6 @@ def ray_runtime_env(cfg: CurateConfig) -> dict:
         "worker_process_setup_hook": "curation.safety.install_guard",
         "env_vars": {**QUIET_ENV, POLICY_ENV: url_policy(cfg).to_env()},
     }
-
-
-def write_download_input(rows: pa.Table, out: Path) -> Path:
-    """The URL list img2dataset reads: url, caption (alt text) and our key, in key order."""
-    with atomic_path(out) as tmp:
-        pq.write_table(rows.select(["url", "caption", KEY_COLUMN]), tmp)
-    return out
 
 
 def done_shards(download_dir: Path) -> list[str]:
@@ -128,8 +120,9 @@ def _watch(download_dir: Path, total: int, stop: threading.Event) -> None:
         bar.update(len(done_shards(download_dir)) - bar.n)
 
 
-def download(input_parquet: Path, download_dir: Path, n_rows: int, cfg: CurateConfig) -> list[str]:
-    """Run img2dataset's Ray distributor over `input_parquet`; finished shards whose files are whole are skipped on
+def download(input_folder: Path, download_dir: Path, n_shards: int, cfg: CurateConfig) -> list[str]:
+    """Run img2dataset's Ray distributor over the input shards in `input_folder` (one file of at most shard_size
+    rows each, so img2dataset's shard i is input shard i); finished shards whose files are whole are skipped on
     rerun, the others downloaded again. Returns the finished, whole shards.
 
     Ray must already be initialised with `ray_runtime_env(cfg)` (see curation.pipeline)."""
@@ -137,16 +130,16 @@ def download(input_parquet: Path, download_dir: Path, n_rows: int, cfg: CurateCo
 
     verified_shards(download_dir)  # before img2dataset's incremental mode trusts the `_stats.json` files
     d = cfg.download
-    total = max(1, -(-n_rows // d.shard_size))
+    total = max(1, n_shards)
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(download_dir, total, stop), daemon=True)
     watcher.start()
     try:
         img2dataset_download(
-            url_list=str(input_parquet),
+            url_list=str(input_folder),
             input_format="parquet",
-            url_col="url",
-            caption_col="caption",
+            url_col="uri",  # what the guard vetted ("" when it refused the URL: never fetched)
+            caption_col="alt_text",
             save_additional_columns=[KEY_COLUMN],
             output_folder=str(download_dir),
             output_format="webdataset",

@@ -80,6 +80,20 @@ def funnel(manifest: pa.Table | pd.DataFrame) -> dict:
     }
 
 
+def merge_funnels(parts: list[dict]) -> dict:
+    """The funnel of a manifest from its parts' funnels (`funnel` per part): counts add up."""
+    out = {"total": 0, "status": {s: 0 for s in STATUSES}, "reject_reasons": {r: 0 for r in REJECT_REASONS},
+           "unexplained": 0, "kept": 0}
+    for f in parts:
+        for name in ("total", "unexplained", "kept"):
+            out[name] += f[name]
+        for group in ("status", "reject_reasons"):
+            for k, n in f[group].items():
+                out[group][k] = out[group].get(k, 0) + n
+    out["kept_fraction"] = out["kept"] / out["total"] if out["total"] else 0.0
+    return out
+
+
 def format_funnel(f: dict) -> str:
     """A compact terminal table: one line per reject reason in check order, with the share of the input it
     removed and how many rows remain after it, ending at the kept count."""

@@ -56,10 +56,18 @@ def manifest_dir(data: str | Path) -> Path:
     return Path(data) / "manifest"
 
 
-def read_manifest(data: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Every manifest row of DATA; a clear error when the manifest is missing."""
+def manifest_parts(data: str | Path) -> list[Path]:
+    """The manifest's parts in key order: `part-<shard>.parquet`, one per input shard (`download.shard_size`
+    consecutive keys; curation/input_shards.py), each in key order. Stages that scale read one part per task; a
+    clear error when there is no manifest."""
     recover_folder(manifest_dir(data))  # a curate killed mid-swap: its complete new manifest, or the old one
     parts = sorted(manifest_dir(data).glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no manifest under {manifest_dir(data)}: run `lensforge curate` first")
-    return pa.concat_tables(pq.read_table(p, columns=columns) for p in parts)
+    return parts
+
+
+def read_manifest(data: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Every manifest row of DATA, in key order (small DATA, tests, reports; stages that scale use
+    `manifest_parts`)."""
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in manifest_parts(data))

@@ -317,9 +317,12 @@ def write_report(
     cfg: CurateConfig,
     out: Path | None = None,
     thumbs_per_reason: int = 8,
+    summary: dict | None = None,
 ) -> Path:
     """Write the curation report (default DATA/reports/curation.html, atomically) and return its path.
-    `cfg` should be the config the manifest was made with: its thresholds are drawn on the charts."""
+    `cfg` should be the config the manifest was made with: its thresholds are drawn on the charts. `summary`: the
+    whole manifest's funnel when `manifest` is a sample of its rows (curate: the parts' first rows per group and
+    an even sample; the charts then say so)."""
     data_dir = Path(data_dir)
     out = Path(out) if out is not None else data_dir / "reports" / "curation.html"
     missing = [c for c in MANIFEST_COLUMNS if c not in manifest.column_names]
@@ -327,12 +330,15 @@ def write_report(
         raise ValueError(f"manifest lacks column(s) {missing}; see curation/manifest.py MANIFEST_SCHEMA")
     manifest = manifest.select(list(MANIFEST_COLUMNS))  # extra carried-through columns are not reported
 
-    f = funnel(manifest)
+    f = summary or funnel(manifest)
     kept = _mask(manifest["keep"])
     kept_html, rejected_html = _thumbnail_sections(data_dir, manifest, kept, f, thumbs_per_reason)
+    sampled = manifest.num_rows < f["total"]
     intro = (
         f'<p>{f["total"]:,} input URLs, {f["kept"]:,} kept ({100 * f["kept_fraction"]:.1f}%). '
         f"Data: <code>{escape(str(data_dir))}</code></p>"
+        + (f'<p class="note">Charts and images over a sample of {manifest.num_rows:,} rows; counts over all.</p>'
+           if sampled else "")
     )
     sections = [
         ("", intro),

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from common.atomic import atomic_path
 from curation.config import CurateConfig
 from curation.download import KEY_COLUMN, download_stamp
+from curation.input_shards import refusals
 from curation.manifest import SCORE_COLUMNS, STATUS_FAILED_DECODE, STATUS_FAILED_DOWNLOAD, STATUS_OK
 from curation.markers import marker_path, read_marker, stale_reason, write_marker
 from curation.markers import read_markers  # noqa: F401 — bench/curate.py reads the filtered markers from here
@@ -83,11 +84,14 @@ def _clean_error(error: str) -> str:
     return error
 
 
-def _download_row(meta: dict, shard: str) -> dict:
-    """A filtered row from img2dataset's record of one URL, before decoding."""
+def _download_row(meta: dict, shard: str, refused: dict[str, str]) -> dict:
+    """A filtered row from img2dataset's record of one URL, before decoding; `refused`: key → the guard's reason
+    (input_shards.py), which such a row's error is."""
     row = {name: None for name in FILTERED_SCHEMA.names}
     row.update(key=meta[KEY_COLUMN], sha256=meta.get("sha256"), shard=f"{shard}.tar")
-    if meta["status"] != "success":
+    if row["key"] in refused:
+        row.update(status=STATUS_FAILED_DOWNLOAD, error=refused[row["key"]], reject_reason="unsafe_url", shard=None)
+    elif meta["status"] != "success":
         error = _clean_error(meta.get("error_message") or "download failed")
         row.update(status=STATUS_FAILED_DOWNLOAD, error=error)
         row["reject_reason"] = "unsafe_url" if error.startswith(UNSAFE_PREFIX) else "failed_download"
@@ -139,7 +143,8 @@ class ShardFilter:
         stamp = download_stamp(download_dir, shard)  # the download read here, for the marker
         metas = pq.read_table(download_dir / f"{shard}.parquet").to_pylist()
         by_i2d_key = {m["key"]: m for m in metas}
-        rows = {m["key"]: _download_row(m, shard) for m in metas}
+        refused = refusals(self.data, shard)
+        rows = {m["key"]: _download_row(m, shard, refused) for m in metas}
         pending: tuple[list, list, list] = ([], [], [])  # rows, images, alt texts waiting for one CLIP batch
         with tarfile.open(download_dir / f"{shard}.tar") as tar:
             for member in tar:

@@ -182,8 +182,8 @@ def run_curate(plan: Plan, services: Services) -> dict:
     cfg = plan.cfgs["curate"]
     save_resolved(cfg, "curate", plan.data)
     with services.web() if services.web else contextlib.nullcontext():
-        manifest = curate(plan.run.urls, plan.data, cfg, ray_address=plan.run.ray_address)
-    return {"rows": int(len(manifest)), "kept": int(manifest["keep"].sum())}
+        summary = curate(plan.run.urls, plan.data, cfg, ray_address=plan.run.ray_address)
+    return {"rows": summary["total"], "kept": summary["kept"]}
 
 
 def run_caption(plan: Plan, services: Services) -> dict:

@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --batch-api: merge an offline engine's output JSONL into DATA/captions")
     parser.add_argument("--workers", type=int, default=None, help="Ray workers, each with its own event loop")
     parser.add_argument("--concurrency", type=int, default=None, help="requests in flight per worker")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (with --workers > 1)")
     add_config_args(parser)
 
 
@@ -59,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     cfg = load_section("caption", args.config, args.overrides, reads=("caption",), base_url=args.base_url,
                        model=args.model, variants=variants, max_cost_usd=args.max_cost_usd, batch_api=args.batch_api,
-                       workers=args.workers, concurrency=args.concurrency)
+                       workers=args.workers, concurrency=args.concurrency,
+                       ray_address=args.ray_address)
     if not cfg.model and cfg.azure is None:
         raise ValueError("no model: pass --model (e.g. gpt-4.1-mini) or set caption.model")
     if cfg.batch_api and not args.dry_run:

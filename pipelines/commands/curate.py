@@ -1,4 +1,4 @@
-"""`lensforge curate --urls URLS --out DATA [--config F] [--ray-address ADDR] [--allow-hosts H,...]`"""
+"""`lensforge curate --urls URLS --out DATA [--add] [--config F] [--ray-address ADDR] [--allow-hosts H,...]`"""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ HELP = "download (img2dataset on Ray), filter and deduplicate a URL list into DA
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--urls", required=True, help="Parquet/CSV/JSONL file or folder with a url column")
     parser.add_argument("--out", required=True, metavar="DATA", help="data directory (created; resumable)")
+    parser.add_argument("--add", action="store_true",
+                        help="add URLS to a DATA that holds another list: deduplicated against what it kept")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local runtime")
     parser.add_argument("--allow-hosts", default=None, metavar="H,...",
                         help="hosts/IPs/CIDRs admitted although non-public (e.g. 127.0.0.1 for local data)")
@@ -27,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_section("curate", args.config, args.overrides, reads=("curate",), allow_hosts=allow)
     with data_lock(args.out, "curate"):
         save_resolved(cfg, "curate", args.out)
-        curate(args.urls, args.out, cfg, ray_address=args.ray_address)
+        curate(args.urls, args.out, cfg, ray_address=args.ray_address, add=args.add)
     return 0

@@ -66,9 +66,13 @@ def add_hostile_rows(scenes_dir: Path, base_url: str, refused_url: str) -> Path:
     return out
 
 
+def run_curate_cmd(urls: Path, data: Path, config: Path) -> list[str]:
+    return [LENSFORGE, "curate", "--urls", str(urls), "--out", str(data), "--config", str(config)]
+
+
 def run_curate(urls: Path, data: Path, config: Path, **popen) -> subprocess.Popen:
-    cmd = [LENSFORGE, "curate", "--urls", str(urls), "--out", str(data), "--config", str(config)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(run_curate_cmd(urls, data, config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -282,12 +286,12 @@ def test_tiny_clip_model_filter_path(world, manifest, tmp_path):
     import shutil
 
     from curation.config import CurateConfig, ModelFiltersConfig
-    from curation.pipeline import dedup, read_filtered
     from curation.shard_filter import ShardFilter
     from curation.tiny_models import write_tiny_clip
 
     data = tmp_path / "data"
-    shutil.copytree(world["data"] / "download", data / "download")
+    for folder in ("input", "download"):
+        shutil.copytree(world["data"] / folder, data / folder)
     base = yaml.safe_load(world["config"].read_text())["curate"]
     models = ModelFiltersConfig(**write_tiny_clip(tmp_path / "clip"), min_clip_score=-1.0, min_aesthetic=-1e9,
                                 max_nsfw=2.0, max_watermark=0.5, batch_size=8)
@@ -295,7 +299,7 @@ def test_tiny_clip_model_filter_path(world, manifest, tmp_path):
     step = ShardFilter(str(data), cfg)
     for shard in sorted(p.stem for p in (data / "download").glob("*.tar")):
         step(shard)
-    rows = read_filtered(data)
+    rows = pd.read_parquet(data / "filtered")
     scored = rows[rows["embedding"].notna()]
     assert len(scored) > 20
     assert scored[["aesthetic", "nsfw", "watermark"]].notna().all().all()
@@ -307,12 +311,68 @@ def test_tiny_clip_model_filter_path(world, manifest, tmp_path):
     # and some fail; every failure is reported as the watermark check, and only rows that passed pixels ran CLIP
     assert set(scored["reject_reason"].dropna()) <= {"watermark"}
     assert rows.loc[rows["reject_reason"].isin(["blur", "min_area", "aspect"]), "clip_score"].isna().all()
-    # dedup uses the embeddings when they exist (exact copies are cosine 1 apart), in memory or spilled to disk
-    no_emb = rows.drop(columns="embedding")
-    in_memory = dedup(data, no_emb, cfg)
-    assert len(in_memory) >= 1
-    spill = cfg.dedup.model_copy(update={"memory_mb": 0.001, "cluster_size": 16, "exact": False, "phash": False})
-    spilled = dedup(data, no_emb, cfg.model_copy(update={"dedup": spill}))
-    assert spilled and set(spilled) <= set(in_memory)  # fewer edges across partitions, never new duplicates
-    clip_only = cfg.dedup.model_copy(update={"exact": False, "phash": False})
-    assert dedup(data, no_emb, cfg.model_copy(update={"dedup": clip_only}))  # CLIP alone finds the exact copies
+    # dedup uses the embeddings when they exist (exact copies are cosine 1 apart), in one k-means partition or many
+    import ray
+
+    from common.ray_runtime import init_ray
+    from curation.dedup_job import read_dups, run_dedup
+
+    shards = sorted(p.stem for p in (data / "filtered").glob("*.parquet"))
+
+    def dups(**update) -> dict:
+        shutil.rmtree(data / "dedup", ignore_errors=True)
+        [path] = run_dedup(data, cfg.dedup.model_copy(update=update), [shards], embeddings=True)
+        return read_dups(path)
+
+    init_ray()
+    try:
+        every = dups()
+        assert len(every) >= 1
+        partitioned = dups(cluster_size=16, exact=False, phash=False)
+        assert partitioned and set(partitioned) <= set(every)  # fewer pairs across partitions, never new ones
+        assert dups(exact=False, phash=False)  # CLIP alone finds the exact copies
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow  # ~80 s: four curate runs; tests/curation/test_dedup_job.py checks the incremental dedup fast
+def test_an_added_list_dedups_against_the_first_and_a_killed_add_resumes_to_the_same_manifest(world, manifest,
+                                                                                              tmp_path):
+    import shutil
+
+    rows = pd.read_parquet(world["urls"])
+    dup_rows = manifest.index[manifest["dup_of"].notna()]
+    split = next(i for i in range(1, len(rows)) if any(d >= i > int(manifest.loc[d, "dup_of"]) for d in dup_rows))
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    rows.iloc[:split].to_parquet(first)
+    rows.iloc[split:].to_parquet(second)
+    data, killed = tmp_path / "data", tmp_path / "killed"
+    finish(run_curate(first, data, world["config"]))
+    alone = read_manifest(data).to_pandas()
+    shutil.copytree(data, killed)
+    refused = subprocess.run([LENSFORGE, "curate", "--urls", str(second), "--out", str(data), "--config",
+                              str(world["config"])], capture_output=True, text=True)
+    assert refused.returncode == 2 and "pass --add" in refused.stderr, refused.stderr[-2000:]
+
+    add = ["--add"]
+    finish(subprocess.Popen([*run_curate_cmd(second, data, world["config"]), *add], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True))
+    both = read_manifest(data).to_pandas()
+    shard = 20  # write_config's download.shard_size
+    offset = -(-split // shard) * shard  # the added list starts at the next free shard
+    assert list(both["key"]) == [f"{i:010d}" for i in [*range(split), *range(offset, offset + len(rows) - split)]]
+    pd.testing.assert_frame_equal(both.iloc[:split].reset_index(drop=True), alone)  # old verdicts stand
+    new = both.iloc[split:]
+    assert (new["dup_of"].dropna() < f"{split:010d}").any()  # a copy of a row the first list kept points at it
+    assert set(new["dup_of"].dropna()) <= set(alone.loc[alone["keep"], "key"]) | set(new["key"])
+
+    proc = subprocess.Popen([*run_curate_cmd(second, killed, world["config"]), *add], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (killed / "download" / f"{offset // shard:05d}_stats.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finish(subprocess.Popen([*run_curate_cmd(second, killed, world["config"]), *add], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True))
+    pd.testing.assert_frame_equal(read_manifest(killed).to_pandas(), both)

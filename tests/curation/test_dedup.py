@@ -164,31 +164,3 @@ def _jpeg(img, quality):
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def test_spilled_clip_search_finds_the_in_memory_pairs(tmp_path):
-    """The out-of-core search (two passes over batches, partitions on disk) finds the planted near-copies that the
-    in-memory search finds, without ever holding all N rows."""
-    from curation.dedup import clip_edges
-    from curation.dedup_spill import clip_edges_spilled
-
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=(3000, 16)).astype(np.float32)
-    copies = base[:40] + 0.01 * rng.normal(size=(40, 16)).astype(np.float32)  # cosine > 0.99 to their sources
-    x = np.concatenate([base, copies])
-    order = rng.permutation(len(x))
-    x = x[order]
-
-    def batches():
-        for start in range(0, len(x), 500):
-            yield np.arange(start, min(start + 500, len(x))), x[start : start + 500]
-
-    spilled = clip_edges_spilled(batches, len(x), 0.985, cluster_size=1000, workdir=tmp_path / "spill")
-    in_memory = clip_edges(x, 0.985, cluster_size=10_000)
-    as_set = lambda pairs: {tuple(sorted(p)) for p in pairs.tolist()}  # noqa: E731
-    planted = {tuple(sorted((int(np.flatnonzero(order == i)[0]), int(np.flatnonzero(order == 3000 + i)[0]))))
-               for i in range(40)}
-    assert planted <= as_set(in_memory)
-    assert len(as_set(spilled) & planted) >= 38  # partition boundaries may split a pair (the documented trade-off)
-    assert as_set(spilled) <= as_set(in_memory)
-    assert not (tmp_path / "spill").exists()  # partitions are removed after the search

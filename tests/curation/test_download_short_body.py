@@ -94,6 +94,7 @@ def manifest(site, tmp_path_factory):
     import pandas as pd
     import ray
 
+    from curation.manifest import read_manifest
     from curation.pipeline import curate
 
     root = tmp_path_factory.mktemp("curate")
@@ -103,7 +104,8 @@ def manifest(site, tmp_path_factory):
                        max_luminance=1, download={"shard_size": 10, "threads": 4, "max_seconds": 10},
                        dedup=DedupConfig(phash=False, clip=False))
     try:
-        yield curate(root / "urls.parquet", root / "data", cfg).set_index("alt_text")
+        curate(root / "urls.parquet", root / "data", cfg)
+        yield read_manifest(root / "data").to_pandas().set_index("alt_text")
     finally:
         ray.shutdown()
 

@@ -61,7 +61,8 @@ def test_urls_with_non_ascii_characters_or_spaces_are_downloaded_and_keep_their_
     cfg = CurateConfig(allow_hosts=["127.0.0.1"], min_area=0, min_blur=0, min_entropy=0, min_luminance=0,
                        max_luminance=1, download={"shard_size": 10, "threads": 4},
                        dedup=DedupConfig(exact=False, phash=False, clip=False))
-    manifest = curate(tmp_path / "urls.parquet", tmp_path / "data", cfg).set_index("alt_text")
+    curate(tmp_path / "urls.parquet", tmp_path / "data", cfg)
+    manifest = read_manifest(tmp_path / "data").to_pandas().set_index("alt_text")
 
     assert list(manifest["url"]) == list(urls.values())  # the manifest keeps each URL as the input wrote it
     for name, file in [("non_ascii", "画像.jpg"), ("space", "a b.jpg"), ("encoded", "画像.jpg"),
