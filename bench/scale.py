@@ -215,7 +215,8 @@ def stage_precompute(root: Path) -> dict:
     return {"candidates": len(rows), "shards": len(shard_hashes(rows, variants)), "errors": len(errors)}
 
 
-RUNNERS = {"guard": stage_guard, "input": stage_input, "dedup": stage_dedup, "caption": stage_caption, "precompute": stage_precompute}
+RUNNERS = {"guard": stage_guard, "input": stage_input, "dedup": stage_dedup, "caption": stage_caption,
+           "precompute": stage_precompute}
 
 
 def measure(stage: str, root: Path, timeout_s: float) -> dict:

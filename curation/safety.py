@@ -2,9 +2,10 @@
 
 First `iri_to_uri`: a web URL may hold non-ASCII characters or spaces (an IRI); the guard vets, and the downloader
 fetches, the URI it stands for. Then two layers, one policy (`UrlGuard`):
-- `UrlGuard.static_reason(url)` runs on the driver over the whole URL list, with no network: scheme (http/https
-  only), credentials in the URL, hosts that are literal non-public IPs or `localhost`. Refused rows never reach the
-  downloader; they become manifest rows with reject_reason `unsafe_url`.
+- `UrlGuard.static_reason(url)` runs in the tasks that cut the URL list into input shards (input_shards.py), with
+  no network: scheme (http/https only), credentials in the URL, hosts that are literal non-public IPs or
+  `localhost`. A refused row's URI is blanked, so the downloader never fetches it; it becomes a manifest row with
+  reject_reason `unsafe_url` and the guard's reason as its error.
 - `guarded_opener(policy)` is installed as urllib's global opener inside every download worker (Ray's
   `worker_process_setup_hook`), so img2dataset's own `urllib.request.urlopen` goes through it. It resolves the host
   inside `connect()` and connects to the address it vetted (no second DNS lookup for a rebinding attacker to
