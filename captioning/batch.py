@@ -4,9 +4,11 @@
     write_batch_input("data", cfg, "jsonl/")     # offline: vllm run-batch -i jsonl/batch-00000.jsonl -o out.jsonl
     read_batch_output("out.jsonl", "data", cfg)  # ... and merge what it wrote
 
-Pending work is the online path's (`pipeline.pending_work`: kept keys × variants not yet ok). Requests are written
-to JSONL files within the API's limits (`cfg.batch`: 50,000 lines, ~200 MB), each uploaded (purpose "batch") and
-run as one batch; at most `max_in_flight` batches run at once (OpenAI also caps the tokens enqueued per model).
+Pending work is the online path's, one manifest part at a time (`plan.part_pending`: kept keys × variants not yet
+ok): a first pass over the parts sizes the progress bar, then each part's requests are built when the queue
+reaches it and written to JSONL files within both of the API's limits (`cfg.batch`: 50,000 lines, ~200 MB; a
+file may hold several parts' requests, and a part's may span files), each uploaded (purpose "batch") and run as
+one batch; at most `max_in_flight` batches run at once (OpenAI also caps the tokens enqueued per model).
 Finished batches are merged into DATA/captions/part-batch-<batch id>.parquet through `request.parse_response` at
 batch prices. Requests that got no answer (expired, cancelled, failed batch, 5xx lines) are resubmitted until
 their `max_attempts`-th submission (`run_batch`'s MAX_ATTEMPTS, not caption.max_attempts), and only then get
@@ -37,13 +39,15 @@ from captioning.batch_files import (ENDPOINT, JSON_TAG, MB, InputFile, InputWrit
 from captioning.client import resolve_api_key
 from captioning.config import CaptionConfig
 from captioning.ledger import Ledger, price_for, prior_spend
-from captioning.pipeline import pending_work, replay_journals
+from captioning.pipeline import replay_journals
+from captioning.plan import part_pending
 from captioning.presets import Preset, resolve_variants
 from captioning.request import request_model, variant_groups
 from captioning.schema import captions_dir
 from captioning.schema import write_part as write_rows
 from common.atomic import write_json
 from common.progress import progress_bar
+from curation.manifest import manifest_parts
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 UPLOAD_TIMEOUT_S = 900.0
@@ -98,22 +102,26 @@ def write_part(data: str | Path, name: str, rows: list[dict]) -> Path | None:
     return write_rows(captions_dir(data) / f"part-{name}.parquet", rows)
 
 
-def pending_items(data: Path, presets: dict[str, Preset], state: BatchState,
-                  model: str) -> tuple[dict[str, dict], list[dict]]:
-    """({key: pending-work item}, the items to request now): pending work minus the variants that batches in
-    flight already ask for; each with `attempt` 1. (Files written for an offline engine do not count: they may
-    never come back.)"""
+def busy_variants(state: BatchState) -> dict[str, set[str]]:
+    """key → the variants that online batches in flight (or being created) already ask for."""
     busy: dict[str, set[str]] = {}
     for entry in [*state.batches.values(), *state.submitting.values()]:
         for cid, variants in entry["requests"].items():
             busy.setdefault(parse_custom_id(cid)[0], set()).update(variants)
-    items, queue = {}, []
-    for item in pending_work(data, presets, model):
-        items[item["key"]] = item
+    return busy
+
+
+def pending_items(data: Path, part: str | Path, presets: dict[str, Preset], model: str,
+                  busy: dict[str, set[str]]) -> list[dict]:
+    """One manifest part's items to request now: its pending work minus the variants that batches in flight
+    already ask for (`busy`, from `busy_variants`), each with `attempt` 1. (Files written for an offline engine do
+    not count: they may never come back.)"""
+    queue = []
+    for item in part_pending(data, part, presets, model):
         variants = [v for v in item["variants"] if v not in busy.get(item["key"], ())]
         if variants:
             queue.append(item | {"variants": variants, "attempt": 1})
-    return items, queue
+    return queue
 
 
 class BatchRun:
@@ -130,8 +138,14 @@ class BatchRun:
         self.price = price_for(cfg.model or "", cfg, batch=True)
         self.writer = InputWriter(batches_dir(data) / "input", f"input-{int(time.time())}",
                                   cfg.batch.max_requests_per_file, int(cfg.batch.max_file_mb * MB))
-        self.queue: deque[dict] = deque()  # pending-work items, each with `attempt`
-        self.items: dict[str, dict] = {}  # key → its pending-work item (shard, member, alt text)
+        self.model = request_model(cfg)
+        self.parts: deque[Path] = deque()  # manifest parts not yet queued
+        self.busy: dict[str, set[str]] = {}  # key → variants in flight when the run started (busy_variants)
+        self.queue: deque[dict] = deque()  # pending-work items, each with `attempt`: a part's at a time, + retries
+        # Only keys with a request in flight: key → its pending-work item (shard, member, alt text), for a retry,
+        # and how many of its requests are in flight. Bounded by the batches in flight, as state.json is.
+        self.items: dict[str, dict] = {}
+        self.refs: Counter = Counter()
         self.stopped: str | None = None
         self.summary = {"batches": [], "outcomes": Counter(), "cost_usd": 0.0, "image_errors": 0}
         self.bar = progress_bar(total=0, desc="caption (batch)", unit="req", dynamic_ncols=True,
@@ -141,12 +155,38 @@ class BatchRun:
     # --- the queue ---------------------------------------------------------------------------------------
 
     def plan(self) -> None:
-        """Pending work minus what the batches in flight already ask for."""
-        self.items, queue = pending_items(self.data, self.presets, self.state, request_model(self.cfg))
-        self.queue.extend(queue)
-        self.bar.total = (sum(len(e["requests"]) for e in self.state.batches.values())
-                          + sum(self._n_requests(item["variants"]) for item in queue))
+        """The parts to queue, and a first pass over them for the bar's total: pending work minus what the
+        batches in flight already ask for (their keys' items are kept, for a retry)."""
+        self.busy = busy_variants(self.state)
+        self.refs = Counter(parse_custom_id(cid)[0] for e in self.state.batches.values() for cid in e["requests"])
+        self.parts = deque(manifest_parts(self.data))
+        total = sum(len(e["requests"]) for e in self.state.batches.values())
+        for part in self.parts:
+            for item in part_pending(self.data, part, self.presets, self.model):
+                if item["key"] in self.refs:
+                    self.items[item["key"]] = item
+                total += self._n_requests([v for v in item["variants"] if v not in self.busy.get(item["key"], ())])
+        self.bar.total = total
         self.bar.refresh()
+
+    def queue_part(self) -> None:
+        """The next part's pending work (as of the run's start: `busy` is the first snapshot) into the queue."""
+        self.queue.extend(pending_items(self.data, self.parts.popleft(), self.presets, self.model, self.busy))
+
+    def hold(self, item: dict) -> None:
+        """A request of `item` went into a batch file: keep its item until every such request has come back."""
+        self.items[item["key"]] = item
+        self.refs[item["key"]] += 1
+
+    def release(self, requests: dict[str, list[str]]) -> None:
+        """A batch finished (after its retries were queued): forget the items of keys with nothing left in
+        flight."""
+        for cid in requests:
+            key = parse_custom_id(cid)[0]
+            self.refs[key] -= 1
+            if self.refs[key] <= 0:
+                del self.refs[key]
+                self.items.pop(key, None)
 
     def _n_requests(self, variants: list[str]) -> int:
         return len(variant_groups(variants, self.cfg))
@@ -165,20 +205,26 @@ class BatchRun:
     # --- submitting --------------------------------------------------------------------------------------
 
     def fill(self) -> None:
-        """Write, upload and start batches from the queue while fewer than `max_in_flight` run. A file not yet
-        full stays open for the next call (its requests are only pending work until submitted), unless the queue
-        is empty or the budget stopped the run."""
-        while self.queue and not self.stopped and len(self.state.batches) < self.max_in_flight:
+        """Write, upload and start batches from the queue (refilled a part at a time) while fewer than
+        `max_in_flight` run. A file not yet full stays open for the next call (its requests are only pending work
+        until submitted), unless the queue and the parts are empty or the budget stopped the run."""
+        while not self.stopped and len(self.state.batches) < self.max_in_flight:
+            while len(self.queue) < self.cfg.chunk_size and self.parts:
+                self.queue_part()
+            if not self.queue:
+                break
             chunk = [self.queue.popleft() for _ in range(min(self.cfg.chunk_size, len(self.queue)))]
+            by_key = {item["key"]: item for item in chunk}
             for request in requests_for(self.data, chunk, self.presets, self.cfg, self._image_errors,
                                         self.price if self.cfg.max_cost_usd is not None else None):
                 if not self.ledger.reserve(request.reserve_usd):
                     self.stopped = "budget"  # the rest of the chunk stays pending for the next run
                     break
+                self.hold(by_key[parse_custom_id(request.cid)[0]])
                 closed = self.writer.add(request)
                 if closed is not None:
                     self.submit(closed)
-        if (not self.queue or self.stopped) and self.writer.current is not None:
+        if (not (self.queue or self.parts) or self.stopped) and self.writer.current is not None:
             self.submit(self.writer.close())
 
     def submit(self, infile: InputFile) -> None:
@@ -267,6 +313,7 @@ class BatchRun:
         for key, variants, attempt in result.retry_checks:
             if attempt <= self.cfg.retry_failed_checks and not self.stopped:
                 self.requeue(key, variants, attempt + 1)
+        self.release(entry["requests"])  # after the retries: those are queued with their items
         write_part(self.data, f"batch-{batch_id}", rows)
         spent = sum(r["cost_usd"] or 0.0 for r in rows)
         self.ledger.settle(entry.get("reserved_usd", 0.0), spent)
@@ -314,7 +361,7 @@ class BatchRun:
             self.reattach_submitting()
             self.plan()
             idle = 0  # polls in a row that finished nothing: the wait doubles from FIRST_POLL_S up to poll_s
-            while self.queue or self.writer.current or self.state.batches:
+            while self.queue or self.parts or self.writer.current or self.state.batches:
                 if len(self.state.batches) < self.max_in_flight:
                     self.fill()
                 idle = 0 if self.poll() else idle + 1
@@ -322,6 +369,7 @@ class BatchRun:
                     time.sleep(min(self.poll_s, FIRST_POLL_S * 2 ** (idle - 1)))
                 if self.stopped:
                     self.queue.clear()
+                    self.parts.clear()
         finally:
             self.bar.close()
             leftover = self.writer.close()  # never submitted (an error or a kill): pending work for the next run
@@ -364,19 +412,23 @@ def write_batch_input(data: str | Path, cfg: CaptionConfig, out_dir: str | Path,
     then merge each output with `read_batch_output`. Keys in online batches in flight are left out. The
     custom_id → variants map goes into DATA/captions/_batches/state.json ("offline"), so outputs can be merged
     from anywhere; writing again (before merging) writes the same requests. Unreadable images get error rows now.
-    Sends nothing, spends nothing."""
+    Sends nothing, spends nothing. Built one manifest part at a time; a file may hold several parts' requests."""
     data, out_dir = Path(data), Path(out_dir)
     presets = resolve_variants(cfg.variants, cfg.prompt_file)
+    parts = manifest_parts(data)
+    replay_journals(data)  # an interrupted online run's answers count as done
     state = BatchState(data)
-    _, queue = pending_items(data, presets, state, request_model(cfg))
+    busy, model = busy_variants(state), request_model(cfg)
     writer = InputWriter(out_dir, "batch", max_requests or cfg.batch.max_requests_per_file,
                          max_bytes or int(cfg.batch.max_file_mb * MB))
     image_errors: list[dict] = []
     files = []
-    for request in requests_for(data, queue, presets, cfg, image_errors.extend):
-        closed = writer.add(request)
-        if closed is not None:
-            files.append(closed)
+    for part in parts:
+        for request in requests_for(data, pending_items(data, part, presets, model, busy), presets, cfg,
+                                    image_errors.extend):
+            closed = writer.add(request)
+            if closed is not None:
+                files.append(closed)
     closed = writer.close()
     files += [closed] if closed is not None else []
     for f in files:

@@ -9,16 +9,18 @@ and refusals are asked again on the next run. Every answer is journaled the mome
 loses only the requests in flight; a rerun first replays what journals hold. SIGTERM / SIGINT stop cleanly: no new
 request, up to `drain_s` for those in flight, then exit 143 / 130 with a one-line account (captioning/worker.py).
 
-Steps: replay journals → pending work (manifest kept rows − ok captions) → images read per chunk, one chunk
-ahead in a thread → requests under a per-worker rate controller and a shared budget → rows → journal → parts →
-summary (captioning/worker.py holds the per-worker part). `workers` > 1 splits the pending keys over Ray actors
+Steps: replay journals → the manifest's parts, and per part a small summary of its pending work (its kept rows
+minus the ok captions of its key range; captioning/plan.py), computed here or, with `workers` > 1, in Ray tasks →
+the parts dealt to the workers (part i → worker i % n), each planning its own parts as it reaches them → images
+read per chunk, one chunk ahead in a thread → requests under a per-worker rate controller and a shared budget →
+rows → journal → parts → summary (captioning/worker.py holds the per-worker part). The driver holds the list of
+parts and their summaries, never a row per key. `workers` > 1 runs Ray actors spread over the cluster's nodes
 (captioning/ray_workers.py), each with its own event loop, journal and parts, sharing one budget.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import secrets
 import signal
 import sys
@@ -26,39 +28,27 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.compute as pc
-
 from captioning.config import CaptionConfig
 from captioning.journal import replay
 from captioning.ledger import LocalBudget, price_for, prior_spend
+from captioning.plan import part_chunks, part_pending, part_summaries, sample_items, totals
 from captioning.presets import Preset, resolve_variants
 from captioning.request import build_request, request_model, variant_groups
-from captioning.schema import SOURCE_COLUMNS, STATUS_OK, captions_dir, read_captions
+from captioning.schema import STATUS_OK, captions_dir, key_ranges
 from captioning.worker import Stats, Stopped, Worker, read_images, run_with_signals
 from common.progress import progress_bar
-from curation.manifest import read_manifest
-
-MANIFEST_COLUMNS = ["key", "alt_text", "shard", "member", "keep"]
+from curation.manifest import manifest_parts
 
 
 def pending_work(data: str | Path, presets: dict[str, Preset], model: str) -> list[dict]:
-    """Kept manifest rows with the variants not yet `ok` for this captioner `model` and each preset's prompt_id
-    (a new model or prompt captions anew; the old rows stay): {key, alt_text, shard, member, variants}, in key
-    order. Journals left by an interrupted run are replayed into parts first: their rows count as done."""
-    kept = read_manifest(data, columns=MANIFEST_COLUMNS)
+    """Every part's `plan.part_pending`, concatenated: {key, alt_text, shard, member, variants} per kept key with
+    a variant not yet ok for this captioner `model` and each preset's prompt_id, in key order. Journals left by an
+    interrupted run are replayed into parts first: their rows count as done. Holds the whole job: for tests and
+    small DATA; `caption` plans per part."""
+    parts = manifest_parts(data)
     replay_journals(data)
-    kept = kept.filter(pc.fill_null(kept["keep"], False)).sort_by("key").to_pandas()
-    done = read_captions(data, columns=["key", "variant", "status", *SOURCE_COLUMNS]).to_pandas()
-    done = done[(done["status"] == STATUS_OK) & (done["model"] == model)]
-    todo = {v: ~kept["key"].isin(done.loc[(done["variant"] == v) & (done["prompt_id"] == p.prompt_id), "key"])
-            for v, p in presets.items()}
-    items = []
-    for i, row in enumerate(kept.itertuples(index=False)):
-        variants = [v for v in presets if todo[v].iat[i]]
-        if variants:
-            items.append({"key": row.key, "alt_text": row.alt_text, "shard": row.shard, "member": row.member,
-                          "variants": variants})
-    return items
+    ranges = key_ranges(data)
+    return [item for part in parts for item in part_pending(data, part, presets, model, ranges)]
 
 
 def replay_journals(data: str | Path) -> None:
@@ -68,21 +58,32 @@ def replay_journals(data: str | Path) -> None:
         print(message, flush=True)
 
 
-def run_local(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[dict], run_id: str,
+def summaries_of(data, cfg: CaptionConfig, presets: dict[str, Preset], parts: list[Path]) -> list[dict]:
+    """Every part's `plan.part_summary`: here with one worker, else in Ray tasks spread over the cluster."""
+    if cfg.workers == 1:
+        return part_summaries(data, presets, request_model(cfg), parts)
+    from captioning.ray_workers import ray_summaries
+
+    return ray_summaries(data, cfg, presets, parts)
+
+
+def run_local(data, cfg: CaptionConfig, presets: dict[str, Preset], parts: list[str], pairs: int, run_id: str,
               spent: float = 0.0) -> dict:
-    pairs = sum(len(i["variants"]) for i in items)
+    """One Worker in this process over `parts` (their `pairs` pending size the progress bar)."""
+    chunks = part_chunks(data, parts, presets, request_model(cfg), cfg.chunk_size)
     with progress_bar(total=pairs, desc="caption", unit="caption", dynamic_ncols=True) as bar:
         budget = LocalBudget(cfg.max_cost_usd, bar, spent)
-        return asyncio.run(run_with_signals(Worker(data, cfg, presets, budget, run_id, 0), items))
+        return asyncio.run(run_with_signals(Worker(data, cfg, presets, budget, run_id, 0), chunks))
 
 
-def dry_run(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[dict]) -> dict:
-    """Tokens and cost of the whole pending job, measured on a sample of its images; sends nothing."""
+def dry_run(data, cfg: CaptionConfig, presets: dict[str, Preset], summaries: list[dict]) -> dict:
+    """Tokens and cost of the whole pending job, measured on a sample of its images drawn over the parts
+    (plan.sample_items) and scaled by the summaries' counts; sends nothing."""
     from captioning.ledger import cost_usd, prompt_tokens_estimate
     from captioning.request import JSON_KEY_TOKENS
     from captioning.tokens import TOKENS_PER_WORD
 
-    sample = random.Random(0).sample(items, min(cfg.dry_run_sample, len(items)))
+    sample = sample_items(data, summaries, presets, request_model(cfg), cfg.dry_run_sample)
     images = read_images(data, sample, cfg)
     seen = {v: Counter() for v in presets}  # per variant: pairs, requests, prompt, completion (sampled)
     for item in sample:
@@ -96,9 +97,11 @@ def dry_run(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[di
                 extra = JSON_KEY_TOKENS if len(group) > 1 else 0
                 seen[v].update(pairs=1, requests=1 / len(group), prompt=prompt / len(group),
                                completion=round(presets[v].target_words * TOKENS_PER_WORD) + extra)
-    todo = Counter(v for item in items for v in item["variants"])
+    todo = Counter()  # variant → pairs pending, over all parts
+    for summary in summaries:
+        todo.update(summary["pairs"])
     standard, batch = price_for(cfg.model or "", cfg), price_for(cfg.model or "", cfg, batch=True)
-    out = {"variants": {}, "sampled_images": len(sample), "pending_images": len(items)}
+    out = {"variants": {}, "sampled_images": len(sample), "pending_images": totals(summaries)[1]}
     for v, s in seen.items():
         scale = todo[v] / s["pairs"] if s["pairs"] else 0.0
         est = {"captions": todo[v], "requests": round(s["requests"] * scale),
@@ -146,15 +149,17 @@ def format_summary(stats: dict, pending_pairs: int, cfg: CaptionConfig) -> str:
 def caption(data: str | Path, cfg: CaptionConfig, dry: bool = False) -> dict:
     """Caption every pending (kept key, variant); returns this run's stats (or the dry-run estimate)."""
     presets = resolve_variants(cfg.variants, cfg.prompt_file)
-    items = pending_work(data, presets, request_model(cfg))
-    pairs = sum(len(i["variants"]) for i in items)
+    parts = manifest_parts(data)  # a clear error before anything else when there is no manifest
+    replay_journals(data)
+    summaries = summaries_of(data, cfg, presets, parts)
+    pairs, images = totals(summaries)
     if dry:
-        est = dry_run(data, cfg, presets, items)
+        est = dry_run(data, cfg, presets, summaries)
         print(format_dry_run(est, cfg.model))
         return est
-    print(f"caption: {pairs} caption(s) of {len(items)} image(s) to request "
+    print(f"caption: {pairs} caption(s) of {images} image(s) to request "
           f"({', '.join(presets)}; model {cfg.model}; {cfg.workers} worker(s))")
-    if not items:
+    if not pairs:
         return Stats().as_dict()
     # Sorts by start time; unique even for two runs in the same second (parts are never overwritten).
     now = time.time()
@@ -164,7 +169,8 @@ def caption(data: str | Path, cfg: CaptionConfig, dry: bool = False) -> dict:
     else:
         from captioning.ray_workers import run_ray as run
     spent = prior_spend(data)
-    stats = run(data, cfg, presets, items, run_id, spent)
+    todo = [s["part"] for s in summaries if s["images"]]  # only parts with work are dealt
+    stats = run(data, cfg, presets, todo, pairs, run_id, spent)
     stats["total_spent_usd"] = spent + stats["cost_usd"]
     print(format_summary(stats, pairs, cfg))
     if stats["signal"]:

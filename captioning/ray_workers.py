@@ -1,11 +1,16 @@
-"""`lensforge caption --workers N`: the pending keys split over N Ray actors, each running its own event loop
-(captioning/worker.py's Worker) and writing its own journal and Parquet parts, all sharing one budget in a
+"""`lensforge caption --workers N`: the manifest's parts dealt over N Ray actors (part i → actor i % N), actor i
+on the cluster's node i % nodes, each planning its own parts as it reaches them (captioning/plan.py) and running
+its own event loop (captioning/worker.py's Worker), journal and Parquet parts, all sharing one budget in a
 LedgerActor.
 
-The driver shows one progress bar from the ledger actor's counts; the first fatal error (401, unknown model) of any
-worker is raised as is, and every actor is killed. SIGTERM / SIGINT in the driver are forwarded to every actor's
-loop (`RayWorker.stop`), which drains as one worker does; a second signal abandons at once. Whatever happens to the
-driver, each worker journals every answer as it arrives, so even a SIGKILL of the whole job loses none.
+    summaries = ray_summaries(data, cfg, presets, parts)    # Ray tasks over slices of parts: [{part, images, pairs}]
+    stats = run_ray(data, cfg, presets, parts_with_work, pairs, run_id, spent)   # stats["nodes"]: node → pairs
+
+The driver holds the parts and their summaries, never a row per key. It shows one progress bar from the ledger
+actor's counts; the first fatal error (401, unknown model) of any worker is raised as is, and every actor is
+killed. SIGTERM / SIGINT in the driver are forwarded to every actor's loop (`RayWorker.stop`), which drains as one
+worker does; a second signal abandons at once. Whatever happens to the driver, each worker journals every answer
+as it arrives, so even a SIGKILL of the whole job loses none.
 """
 
 from __future__ import annotations
@@ -18,16 +23,20 @@ import time
 
 from captioning.client import resolve_api_key
 from captioning.config import CaptionConfig
+from captioning.plan import deal, part_chunks, part_summaries
 from captioning.presets import Preset
+from captioning.request import request_model
 from captioning.worker import Stats, Worker
 from common.progress import progress_bar
 
 ACTOR_GRACE_S = 15.0  # after a stop's drain: time for the actors to compact their journals and return
+TASKS_PER_WORKER = 4  # summary tasks per --workers: a few each, so one slow slice does not hold up the rest
 
 
 class RayWorker:
     """A Ray actor running one Worker's event loop, in one of its two threads (max_concurrency=2); the other takes
-    `stop` while `run` runs. The key comes as an argument, never through the (logged) runtime environment."""
+    `stop` while `run` runs. The key comes as an argument, never through the (logged) runtime environment. The
+    actor plans its parts itself, one at a time, so no per-key list crosses the object store."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -35,7 +44,10 @@ class RayWorker:
         self._worker: Worker | None = None
         self._stop: tuple[int, bool] | None = None  # a stop that came before the loop ran
 
-    def run(self, data, cfg, presets, items, run_id, worker, ledger, api_key) -> dict:
+    def run(self, data, cfg, presets, parts, run_id, worker, ledger, api_key) -> dict:
+        """Stats.as_dict of this actor's share, with "nodes": {this Ray node's id: pairs finished}."""
+        import ray
+
         from captioning.ledger import LeasedBudget
 
         budget = LeasedBudget(ledger, max(1, cfg.concurrency // 4))
@@ -53,10 +65,12 @@ class RayWorker:
                     budget.flush()
             reporter = asyncio.create_task(report())
             try:
-                return await w.run(items)
+                return await w.run(part_chunks(data, parts, presets, request_model(cfg), cfg.chunk_size))
             finally:
                 reporter.cancel()
-        return asyncio.run(main())
+        stats = asyncio.run(main())
+        stats["nodes"] = {ray.get_runtime_context().get_node_id(): sum(stats["outcomes"].values())}
+        return stats
 
     def stop(self, signum: int, abort: bool) -> None:
         """The driver's signal, into the running loop (or kept for it). Repeating a call changes nothing."""
@@ -97,8 +111,42 @@ class DriverSignals:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def run_ray(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[dict], run_id: str,
+def ray_summaries(data, cfg: CaptionConfig, presets: dict[str, Preset], parts: list) -> list[dict]:
+    """`plan.part_summary` of every part, in the parts' order, from Ray tasks spread over the cluster: each task
+    plans a contiguous slice of the parts (TASKS_PER_WORKER per worker), so the caption parts' key ranges are read
+    once a slice rather than once a part."""
+    import ray
+
+    from common.ray_runtime import init_ray
+
+    init_ray(cfg.ray_address)
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(part_summaries)
+    n = min(len(parts), cfg.workers * TASKS_PER_WORKER)
+    size = -(-len(parts) // n) if n else 1
+    slices = [[str(p) for p in parts[i:i + size]] for i in range(0, len(parts), size)]
+    refs = [task.remote(str(data), presets, request_model(cfg), part_slice) for part_slice in slices]
+    return [summary for got in ray.get(refs) for summary in got]
+
+
+def node_strategies(n: int) -> list:
+    """Where each of `n` actors runs: actor i pinned to the cluster's alive node i % nodes (those with CPUs, the
+    head of a cluster often has none; every node when none has). Not Ray's "SPREAD": it is best effort, each
+    raylet round-robins on its own and a fresh node is not in every view yet, so on a new two-node cluster it put
+    both actors on one node in about a third of tries. Hard affinity: an actor whose node died in between fails
+    the job, and the rerun does what is left."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    nodes = sorted(node["NodeID"] for node in alive if node["Resources"].get("CPU", 0) > 0) or sorted(
+        node["NodeID"] for node in alive)
+    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False) for i in range(n)]
+
+
+def run_ray(data, cfg: CaptionConfig, presets: dict[str, Preset], parts: list[str], pairs: int, run_id: str,
             spent: float = 0.0) -> dict:
+    """`parts` (those with pending work; `pairs` in all, for the bar) dealt over min(workers, parts) actors, actor
+    i on node i % nodes (`node_strategies`), so `--workers N` lands on several nodes; returns the merged stats."""
     import ray
 
     from captioning.ledger import LedgerActor
@@ -109,15 +157,14 @@ def run_ray(data, cfg: CaptionConfig, presets: dict[str, Preset], items: list[di
     init_ray(cfg.ray_address)
     ledger = ray.remote(num_cpus=0)(LedgerActor).remote(cfg.max_cost_usd, spent)
     actor_cls = ray.remote(num_cpus=0, max_concurrency=2, runtime_env={"env_vars": env})(RayWorker)
-    n = min(cfg.workers, max(1, len(items)))
-    actors = [actor_cls.remote() for _ in range(n)]
+    shares = deal([str(p) for p in parts], min(cfg.workers, max(1, len(parts))))
+    actors = [actor_cls.options(scheduling_strategy=s).remote() for s in node_strategies(len(shares))]
     stats = Stats()
     with DriverSignals() as signals:
-        refs = [a.run.remote(str(data), cfg, presets, items[i::n], run_id, i, ledger, api_key)
-                for i, a in enumerate(actors)]
+        refs = [a.run.remote(str(data), cfg, presets, share, run_id, i, ledger, api_key)
+                for i, (a, share) in enumerate(zip(actors, shares))]
         try:
-            watch_ray(refs, actors, ledger, sum(len(i["variants"]) for i in items), stats, spent, signals,
-                      cfg.drain_s)
+            watch_ray(refs, actors, ledger, pairs, stats, spent, signals, cfg.drain_s)
         finally:
             for a in actors:
                 ray.kill(a)

@@ -5,9 +5,10 @@ precompute and training import it from here. A caption is identified by (key, va
 is the captioner as configured (`caption.model`, or the Azure deployment), `served_model` what the endpoint said
 answered (e.g. a dated snapshot), `prompt_id` the preset's name and version hash. A (key, variant) already `ok`
 for the configured model and prompt is never requested again; a new model or prompt captions anew, beside the old
-rows, and `choose_sources` says which captions a stage reads. Only `part-*.parquet` files are the table:
-sidecar folders beside them start with `_` (`_journal/`, `_batches/`), which pyarrow datasets and pandas skip, and
-hold no .parquet files, which Ray Data's read_parquet skips by extension.
+rows, and `choose_sources` says which captions a stage reads; `read_captions_range` reads one key range (a manifest
+part's), for the stages that plan per part. Only `part-*.parquet` files are the table: sidecar folders beside them
+start with `_` (`_journal/`, `_batches/`), which pyarrow datasets and pandas skip, and hold no .parquet files, which
+Ray Data's read_parquet skips by extension.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from common.atomic import atomic_path
@@ -71,6 +73,44 @@ def read_captions(data: str | Path, columns: list[str] | None = None) -> pa.Tabl
         return CAPTIONS_SCHEMA.empty_table() if columns is None else CAPTIONS_SCHEMA.empty_table().select(columns)
     # The schema fills columns an older part lacks (served_model) with nulls.
     return pa.concat_tables(pq.read_table(p, columns=columns, schema=CAPTIONS_SCHEMA) for p in parts)
+
+
+KeyRanges = list[tuple[Path, str | None, str | None]]  # caption part, its first and last key (None: unknown)
+
+
+def key_ranges(data: str | Path) -> KeyRanges:
+    """Every caption part with its first and last key, from its row groups' statistics (footers only, no data;
+    None where a part has none: it is always read). Taken once by a process that plans many manifest parts, so
+    each of them opens only the caption parts that overlap it; parts written later are not in it."""
+    out = []
+    for path in sorted(captions_dir(data).glob("part-*.parquet")):
+        meta = pq.ParquetFile(path).metadata
+        column = meta.schema.names.index("key")
+        stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+        known = stats and all(st is not None and st.has_min_max for st in stats)
+        out.append((path, min(st.min for st in stats), max(st.max for st in stats)) if known else (path, None, None))
+    return out
+
+
+def read_captions_range(data: str | Path, first: str, last: str, columns: list[str],
+                        where: ds.Expression | None = None, ranges: KeyRanges | None = None) -> pa.Table:
+    """The caption rows with `first` <= key <= `last` (one manifest part's keys) that match `where`, only
+    `columns`. The caption parts are not partitioned by key: with `ranges` (`key_ranges`), only the parts that
+    overlap are opened, else every part's footer; within those the range is pushed down, and a run writes its
+    parts in key order, so row groups outside are skipped unread by their statistics. A caller never holds other
+    keys' rows."""
+    if ranges is None:
+        parts = sorted(captions_dir(data).glob("part-*.parquet"))
+    else:
+        parts = [p for p, lo, hi in ranges if lo is None or (lo <= last and hi >= first)]
+    if not parts:
+        return CAPTIONS_SCHEMA.empty_table().select(columns)
+    expr = (ds.field("key") >= first) & (ds.field("key") <= last)
+    if where is not None:
+        expr = expr & where
+    # The schema fills columns an older part lacks (served_model) with nulls, as in read_captions.
+    return ds.dataset([str(p) for p in parts], schema=CAPTIONS_SCHEMA, format="parquet").to_table(
+        columns=columns, filter=expr)
 
 
 SOURCE_COLUMNS = ["model", "prompt_id"]  # with (key, variant): what identifies a caption

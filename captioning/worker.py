@@ -2,10 +2,12 @@
 journaled the moment it arrives (captioning/journal.py), and a clean stop on SIGTERM / SIGINT.
 
     worker = Worker(data, cfg, presets, budget, run_id, worker=0)
-    stats = asyncio.run(run_with_signals(worker, items))   # main thread: SIGTERM / SIGINT → worker.request_stop
+    chunks = plan.part_chunks(data, parts, presets, model, cfg.chunk_size)  # its parts, planned as reached
+    stats = asyncio.run(run_with_signals(worker, chunks))  # main thread: SIGTERM / SIGINT → worker.request_stop
 
 Run in-process by pipeline.run_local (one worker) and inside each Ray actor by ray_workers.RayWorker (the driver
-forwards its signals there).
+forwards its signals there). A worker is fed chunks of pending-work items ({key, alt_text, shard, member,
+variants}); the next chunk is planned and its images read in a thread while the current one is sent.
 
 A stop (`request_stop`): no new key is started, and nothing more is sent, neither a retry nor a re-ask of a failed
 check (client.Sender.stop); the requests in flight get up to `drain_s` to answer, each answer journaled as usual;
@@ -20,6 +22,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from captioning.checks import words
@@ -61,6 +64,7 @@ class Stats:
     rows: int = 0  # answer rows journaled this run (all of them on disk)
     abandoned: int = 0  # requests still in flight when a stop's drain ended
     signal: int | None = None  # the signal that stopped the run
+    nodes: Counter = field(default_factory=Counter)  # Ray node id → (key, variant) pairs finished there (Ray only)
 
     def merge(self, other: dict) -> None:
         self.outcomes.update(other["outcomes"])
@@ -72,11 +76,12 @@ class Stats:
         self.rows += other["rows"]
         self.abandoned += other["abandoned"]
         self.signal = self.signal or other["signal"]
+        self.nodes.update(other.get("nodes", {}))
 
     def as_dict(self) -> dict:
         return {"outcomes": dict(self.outcomes), "words": dict(self.words), "requests": self.requests,
                 "cost_usd": self.cost_usd, "stopped": self.stopped, "transport": dict(self.transport),
-                "rows": self.rows, "abandoned": self.abandoned, "signal": self.signal}
+                "rows": self.rows, "abandoned": self.abandoned, "signal": self.signal, "nodes": dict(self.nodes)}
 
 
 def read_images(data, chunk: list[dict], cfg: CaptionConfig) -> dict[str, Image | str]:
@@ -95,19 +100,22 @@ def read_images(data, chunk: list[dict], cfg: CaptionConfig) -> dict[str, Image 
         return out
 
 
-async def prefetch(data, items: list[dict], cfg: CaptionConfig):
-    """(chunk, images) pairs; the next chunk's images are read and resized in a thread meanwhile."""
-    chunks = [items[i:i + cfg.chunk_size] for i in range(0, len(items), cfg.chunk_size)]
-    nxt = asyncio.create_task(asyncio.to_thread(read_images, data, chunks[0], cfg)) if chunks else None
+async def prefetch(data, chunks: Iterable[list[dict]], cfg: CaptionConfig):
+    """(chunk, images) pairs; the next chunk is taken (plan.part_chunks plans a part when it reaches one) and its
+    images read and resized in a thread meanwhile. Only that thread advances `chunks`, one step at a time."""
+    chunks = iter(chunks)
+
+    def load() -> tuple[list[dict], dict] | None:
+        chunk = next(chunks, None)
+        return None if chunk is None else (chunk, read_images(data, chunk, cfg))
+
+    nxt = asyncio.create_task(asyncio.to_thread(load))
     try:
-        for i, chunk in enumerate(chunks):
-            images = await nxt
-            nxt = (asyncio.create_task(asyncio.to_thread(read_images, data, chunks[i + 1], cfg))
-                   if i + 1 < len(chunks) else None)
-            yield chunk, images
+        while (got := await nxt) is not None:
+            nxt = asyncio.create_task(asyncio.to_thread(load))
+            yield got
     finally:
-        if nxt is not None:
-            nxt.cancel()
+        nxt.cancel()
 
 
 class Worker:
@@ -236,8 +244,8 @@ class Worker:
                 return False
         return True
 
-    async def feed(self, items: list[dict]) -> None:
-        async for chunk, images in prefetch(self.data, items, self.cfg):
+    async def feed(self, chunks: Iterable[list[dict]]) -> None:
+        async for chunk, images in prefetch(self.data, chunks, self.cfg):
             if not await self.launch_chunk(chunk, images):
                 break
         while self.tasks:
@@ -245,7 +253,8 @@ class Worker:
             self.raise_failures()
         self.raise_failures()
 
-    async def run(self, items: list[dict]) -> dict:
+    async def run(self, chunks: Iterable[list[dict]]) -> dict:
+        """Request every item of `chunks` (lists of pending-work items); returns the stats (Stats.as_dict)."""
         client = make_client(self.cfg, self.api_key)
         self.sender = Sender(client, self.cfg, self.api_key)
         if self._stop.is_set():  # stopped before the loop ran (a Ray driver's early stop)
@@ -253,7 +262,7 @@ class Worker:
         ticker = asyncio.create_task(self.journal.ticker(self.cfg.flush_s))
         try:
             async with client:
-                await self.feed_until_stopped(items)
+                await self.feed_until_stopped(chunks)
         finally:
             ticker.cancel()
             self.journal.close()
@@ -261,8 +270,8 @@ class Worker:
         self.stats.transport.update(self.sender.counts)
         return self.stats.as_dict()
 
-    async def feed_until_stopped(self, items: list[dict]) -> None:
-        feed = asyncio.create_task(self.feed(items))
+    async def feed_until_stopped(self, chunks: Iterable[list[dict]]) -> None:
+        feed = asyncio.create_task(self.feed(chunks))
         stop = asyncio.create_task(self._stop.wait())
         try:
             await asyncio.wait({feed, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -292,8 +301,8 @@ class Worker:
         self.stats.abandoned = self.in_flight
 
 
-async def run_with_signals(worker: Worker, items: list[dict]) -> dict:
-    """worker.run(items) with SIGTERM and SIGINT turned into worker.request_stop while it runs (main thread only:
+async def run_with_signals(worker: Worker, chunks: Iterable[list[dict]]) -> dict:
+    """worker.run(chunks) with SIGTERM and SIGINT turned into worker.request_stop while it runs (main thread only:
     elsewhere signals cannot be caught); the previous handlers come back afterwards."""
     loop, saved = asyncio.get_running_loop(), {}
     if threading.current_thread() is threading.main_thread():
@@ -301,7 +310,7 @@ async def run_with_signals(worker: Worker, items: list[dict]) -> dict:
             saved[sig] = signal.getsignal(sig)
             loop.add_signal_handler(sig, worker.request_stop, sig)
     try:
-        return await worker.run(items)
+        return await worker.run(chunks)
     finally:
         for sig, handler in saved.items():
             loop.remove_signal_handler(sig)

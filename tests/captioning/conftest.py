@@ -1,5 +1,6 @@
-"""Fixtures of the caption client tests: a minimal DATA (manifest + one download tar of rendered scenes, built
-directly rather than by `lensforge curate`: ~1 s instead of ~40 s) and the local endpoint over loopback.
+"""Fixtures of the caption client tests: a minimal DATA (a manifest of several parts + one download tar of rendered
+scenes, built directly rather than by `lensforge curate`: ~1 s instead of ~40 s) and the local endpoint over
+loopback.
 
 Names are prefixed `cap_` so they do not collide with the endpoint's and the Batch API's own fixtures."""
 
@@ -11,18 +12,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from curation.manifest import MANIFEST_COLUMNS, make_key
-from curation.pipeline import write_manifest
+from curation.manifest import make_key
 from scenes import render_dataset
 from scenes.config import ScenesConfig
+from tests.captioning.manifests import write_parted_manifest
 
 N_IMAGES = 12
+PART_ROWS = 5  # manifest rows per part: 12 images → 3 parts, so Ray workers and per-part planning get several
 REJECTED = {3, 7}  # rows the manifest does not keep: never captioned
 SECRET = "sk-lensforge-test-SECRET-0123456789abcdef"  # must never appear in any file under DATA
 
 
 def build_data(root: Path, n: int = N_IMAGES) -> Path:
-    """DATA with manifest/part-00000.parquet and download/00000.tar ({key}.jpg members), img2dataset's layout."""
+    """DATA with manifest/part-0000{0,1,...}.parquet (PART_ROWS rows each) and download/00000.tar ({key}.jpg
+    members), img2dataset's layout."""
     scenes = root / "scenes"
     urls = pd.read_parquet(render_dataset(ScenesConfig(n=n, faults=0.0, seed=5, size=256), scenes))
     data = root / "data"
@@ -39,8 +42,7 @@ def build_data(root: Path, n: int = N_IMAGES) -> Path:
             rows.append({"key": key, "url": row["url"], "alt_text": row["caption"], "status": "ok",
                          "width": 256, "height": 256, "keep": keep, "reject_reason": None if keep else "blur",
                          "shard": "00000.tar", "member": f"{key}.jpg"})
-    manifest = pd.DataFrame(rows).reindex(columns=list(MANIFEST_COLUMNS))
-    write_manifest(manifest, data)
+    write_parted_manifest(rows, data, PART_ROWS)
     return data
 
 

@@ -21,14 +21,15 @@ from captioning.ledger import cost_usd, price_for
 from captioning.schema import captions_dir, latest_captions, read_captions
 from curation.manifest import MANIFEST_SCHEMA, make_key, manifest_dir
 from scenes import random_scene, render
+from tests.captioning.manifests import write_parted_manifest
 
 MODEL = "gpt-4.1-mini"
 POLL_S = 0.05
 
 
-def make_data(root, n: int, missing: bool = False):
+def make_data(root, n: int, missing: bool = False, rows_per_part: int | None = None):
     """DATA with n kept scene images in one webdataset-style tar (and, with `missing`, a kept row whose member is
-    not in the tar)."""
+    not in the tar); the manifest in one part, or in parts of `rows_per_part` rows."""
     rng = random.Random(0)
     (root / "download").mkdir(parents=True)
     rows = []
@@ -43,6 +44,9 @@ def make_data(root, n: int, missing: bool = False):
                          "member": info.name, "alt_text": "shapes"})
     if missing:
         rows.append({"key": make_key(n), "status": "ok", "keep": True, "shard": "00000.tar", "member": "gone.jpg"})
+    if rows_per_part is not None:
+        write_parted_manifest(rows, root, rows_per_part)
+        return root
     manifest_dir(root).mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), manifest_dir(root) / "part-00000.parquet")
     return root
@@ -71,7 +75,7 @@ def all_batches(base_url) -> list:
 def test_round_trip_with_partial_failures(tmp_path, endpoint):
     handle, base_url = endpoint
     handle.set_faults(batch_fail_rate=0.3)
-    data = make_data(tmp_path, 12, missing=True)
+    data = make_data(tmp_path, 12, missing=True, rows_per_part=5)  # 3 manifest parts, queued one at a time
     cfg = config(base_url, batch={"max_requests_per_file": 10})  # 24 requests: 3 files a round
     summary = run_batch(data, cfg, poll_s=POLL_S, max_attempts=6, progress=False)
 
@@ -156,6 +160,48 @@ def test_resume_after_kill_reattaches(tmp_path, endpoint, monkeypatch):
     assert [b["id"] for b in summary["batches"]] == [batch_id]
     assert len(all_batches(base_url)) == 1  # re-attached, nothing resubmitted
     assert len(ok_pairs(data)) == 6 and BatchState(data).batches == {}
+
+
+def test_a_reattached_batch_retries_its_keys_from_any_part(tmp_path, endpoint, monkeypatch):
+    """Killed after submitting one batch over 3 manifest parts, with lines failing: the rerun re-attaches and
+    resubmits the failed lines, whose items (shard, member) the first pass over the parts kept."""
+    handle, base_url = endpoint
+    handle.set_faults(batch_fail_rate=0.5, batch_delay_s=0.2)
+    data = make_data(tmp_path, 9, rows_per_part=3)
+    cfg = config(base_url, variants=["short"])
+    client = openai.OpenAI(base_url=base_url, api_key="sk-local")
+
+    def killed(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client.batches, "retrieve", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(data, cfg, client=client, poll_s=POLL_S, progress=False)
+    (batch_id,) = BatchState(data).batches
+
+    summary = run_batch(data, cfg, poll_s=POLL_S, max_attempts=10, progress=False)
+    first, *retries = summary["batches"]
+    assert first["id"] == batch_id and first["requests"] == 9 and first["answered"] < 9 and retries
+    assert sum(b["answered"] for b in summary["batches"]) == 9  # only the failed lines went out again
+    assert ok_pairs(data) == {(make_key(i), "short") for i in range(9)}
+    assert BatchState(data).batches == {}
+
+
+def test_offline_files_over_parts_keep_both_limits(tmp_path, endpoint):
+    """write_batch_input part by part: every request once, every file within the line and the byte limit."""
+    _, base_url = endpoint
+    data = make_data(tmp_path / "data", 11, rows_per_part=4)
+    cfg = config(base_url)  # short and tags: 22 requests
+    sizes = []
+    for f in write_batch_input(data, cfg, tmp_path / "probe"):
+        sizes += [len(line) for line in f.read_bytes().splitlines(keepends=True)]
+    max_bytes = int(max(sizes) * 2.5)  # the byte limit binds before the line limit on some files
+    files = write_batch_input(data, cfg, tmp_path / "jsonl", max_requests=3, max_bytes=max_bytes)
+    lines = [list(read_jsonl(f)) for f in files]
+    assert all(len(x) <= 3 for x in lines) and all(f.stat().st_size <= max_bytes for f in files)
+    assert any(len(x) < 3 for x in lines[:-1])  # ... where it did
+    cids = [line["custom_id"] for x in lines for line in x]
+    assert sorted(cids) == sorted(custom_id(make_key(i), v, 1) for i in range(11) for v in ("short", "tags"))
 
 
 def test_kill_between_upload_and_state_finds_batch_by_file(tmp_path, endpoint, monkeypatch):
