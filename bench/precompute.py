@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from captioning.presets import PRESETS
 from captioning.schema import CAPTIONS_SCHEMA
 from curation.manifest import MANIFEST_SCHEMA, make_key
 from scenes import describe, random_scene, render
@@ -63,7 +64,7 @@ def build_data(data: Path, n: int, size: int, seed: int = 0) -> None:
             manifest.append({"key": key, "status": "ok", "width": size, "height": size, "keep": True,
                              "shard": "00000.tar", "member": f"{key}.jpg", "alt_text": ""})
             captions.append({"key": key, "variant": "dense", "text": describe(scene, "dense"), "status": "ok",
-                             "created_at": now})
+                             "model": "scene-describer", "prompt_id": PRESETS["dense"].prompt_id, "created_at": now})
     pq.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), data / "manifest" / "part-00000.parquet")
     pq.write_table(pa.Table.from_pylist(captions, schema=CAPTIONS_SCHEMA), data / "captions" / "part-00000.parquet")
 

@@ -5,8 +5,8 @@ row counts, on synthetic state written in the real on-disk formats (issue 15's m
                                     [--out bench-out/scale] [--timeout-s 1800] [--label after]
     .venv/bin/python bench/scale.py --sizes 10000000 --stages input      # the 10 M-row URL list (URLs only)
 
-Stages, each run alone in its own process; its peak RSS is that process's own (RUSAGE_SELF: the driver; Ray's
-GCS, raylet and workers are other processes, bounded per part):
+Stages, each run alone in its own process; its peak RSS is that process's own (VmHWM: the driver; Ray's GCS,
+raylet and workers are other processes, bounded per part):
   guard       `curate()` on N URLs that the URL guard refuses statically (loopback URLs, another host allowed):
               input shards, img2dataset over refused rows (never fetched), filter, dedup, manifest and reports.
   input       the URL list read in record batches, keyed, guarded and cut into input shards (DATA/input/).
@@ -145,10 +145,14 @@ def write_captions(data: Path, seed: int = 0) -> None:
 
 
 def _driver_rss_mb() -> float:
-    """This process's own peak RSS (Ray's processes are not counted: the driver is what the issue bounds)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS: VmHWM, the high-water mark of this program's memory since its exec. Not
+    ru_maxrss, which Linux carries across exec from the forked copy of the parent (the benchmark holding a
+    million-row state would count), nor Ray's processes (GCS, raylet, workers): the driver is what the issue
+    bounds."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def stage_guard(root: Path) -> dict:
@@ -156,6 +160,7 @@ def stage_guard(root: Path) -> dict:
     from curation.pipeline import NothingKeptError, curate
 
     cfg = CurateConfig(allow_hosts=["127.0.0.2"])  # every URL is on 127.0.0.1: refused before any request
+    shutil.rmtree(root / "guard", ignore_errors=True)  # a fresh run, not a resumed one
     try:
         summary = curate(root / "urls.parquet", root / "guard", cfg)
     except NothingKeptError:  # nothing kept, as intended
@@ -194,25 +199,26 @@ def stage_dedup(root: Path) -> dict:
 
 
 def stage_caption(root: Path) -> dict:
-    from captioning.pipeline import pending_work
+    """Per-part summaries of the pending work, as `lensforge caption` makes them before dealing the parts."""
+    from captioning.plan import part_summaries, totals
     from captioning.presets import PRESETS
 
-    items = pending_work(root / "data", {"dense": PRESETS["dense"]}, MODEL)
-    return {"pending": len(items)}
+    pairs, images = totals(part_summaries(root / "data", {"dense": PRESETS["dense"]}, MODEL))
+    return {"pending": images, "pairs": pairs}
 
 
 def stage_precompute(root: Path) -> dict:
-    from training.buckets import BucketTable
-    from training.precompute_plan import (assign_buckets, assign_shards, caption_sources, locate_images,
-                                          read_candidates, shard_hashes)
+    """The plan (candidates, bucket and shard per row: training/precompute_parts.plan) in Ray tasks, no encoding."""
+    from common.ray_runtime import init_ray
+    from training.precompute_config import PrecomputeConfig
+    from training.precompute_parts import plan
 
-    data, variants = root / "data", ["dense"]
-    sources = caption_sources(data, variants, MODEL)
-    rows, skipped = read_candidates(data, variants, sources)
-    rows, errors = locate_images(data, rows)
-    rows, _ = assign_buckets(rows, BucketTable([256, 512], ["1:1", "4:3", "3:4"], 16))
-    rows = assign_shards(rows, 1000)
-    return {"candidates": len(rows), "shards": len(shard_hashes(rows, variants)), "errors": len(errors)}
+    init_ray()
+    cfg = PrecomputeConfig(variants=["dense"], caption_model=MODEL, shard_size=1000,
+                           buckets={"base_sides": [256, 512], "ratios": ["1:1", "4:3", "3:4"], "multiple": 16})
+    shutil.rmtree(root / "plan-set", ignore_errors=True)
+    s = plan(root / "data", cfg, root / "plan-set")
+    return {"candidates": s["candidates"], "shards": len(s["shards"]), "errors": s["plan_errors"]}
 
 
 RUNNERS = {"guard": stage_guard, "input": stage_input, "dedup": stage_dedup, "caption": stage_caption,
@@ -240,7 +246,7 @@ def measure(stage: str, root: Path, timeout_s: float) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{stage} failed: {err[-2000:]}")
     result = json.loads(out.splitlines()[-1])
-    # the stage process's own peak (RUSAGE_SELF): Ray's raylet, GCS and workers are other processes
+    # the stage process's own peak (VmHWM): Ray's raylet, GCS and workers are other processes
     return {"seconds": seconds, "rss_mb": result.pop("driver_rss_mb"), "result": result}
 
 

@@ -36,6 +36,7 @@ from captioning.presets import Preset, resolve_variants
 from captioning.request import build_request, request_model, variant_groups
 from captioning.schema import STATUS_OK, captions_dir, key_ranges
 from captioning.worker import Stats, Stopped, Worker, read_images, run_with_signals
+from common.atomic import write_json
 from common.progress import progress_bar
 from curation.manifest import manifest_parts
 
@@ -173,12 +174,22 @@ def caption(data: str | Path, cfg: CaptionConfig, dry: bool = False) -> dict:
     stats = run(data, cfg, presets, todo, pairs, run_id, spent)
     stats["total_spent_usd"] = spent + stats["cost_usd"]
     print(format_summary(stats, pairs, cfg))
+    write_run_record(data, stats, pairs)
     if stats["signal"]:
         message = format_stopped(stats, data, cfg)
         sys.stdout.flush()  # the summary first, the account last
         print(message, file=sys.stderr, flush=True)
         raise Stopped(stats["signal"], message)
     return stats
+
+
+def write_run_record(data, stats: dict, pairs: int) -> None:
+    """DATA/reports/caption.json: this run's counts, cost and the captions each Ray node finished."""
+    outcomes = {f"{v}/{status}": n for (v, status), n in sorted(
+        (tuple(k) if not isinstance(k, tuple) else k, n) for k, n in stats["outcomes"].items())}
+    write_json(Path(data) / "reports" / "caption.json",
+               {"pending": pairs, "outcomes": outcomes, "requests": stats["requests"], "cost_usd": stats["cost_usd"],
+                "total_spent_usd": stats["total_spent_usd"], "nodes": stats.get("nodes", {})})
 
 
 def format_stopped(stats: dict, data, cfg: CaptionConfig) -> str:

@@ -30,6 +30,7 @@ from curation.manifest import make_key
 from curation.safety import UrlGuard, UrlPolicy, iri_to_uri
 
 LISTS_FILE = "_lists.json"
+RAW_DIR = "_cut"  # a shard's rows on their way to the task that guards and writes it
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: 100,000 shards of shard_size rows
 IN_FLIGHT_PER_CPU = 2  # shard-writing tasks queued per CPU: bounds the shards the object store holds
 
@@ -101,8 +102,12 @@ def register(data: str | Path, urls: str | Path, shard_size: int, add: bool = Fa
     return lists
 
 
-def write_shard(rows: pa.Table, first_key: int, path: str, policy: UrlPolicy) -> str:
-    """One input shard: `rows` (url, alt_text, carried) keyed from `first_key`, guarded, written atomically."""
+def write_shard(rows: pa.Table | str, first_key: int, path: str, policy: UrlPolicy) -> str:
+    """One input shard: `rows` (url, alt_text, carried; or the path of a Parquet file of them, removed after) keyed
+    from `first_key`, guarded, written atomically."""
+    raw = None
+    if isinstance(rows, str):
+        raw, rows = rows, pq.read_table(rows)
     guard = UrlGuard(policy)
     uris = [iri_to_uri(u) for u in rows["url"].to_pylist()]
     refused = [guard.static_reason(u) for u in uris]
@@ -114,6 +119,8 @@ def write_shard(rows: pa.Table, first_key: int, path: str, policy: UrlPolicy) ->
     table = pa.Table.from_arrays([*own.values(), *rows.columns], names=[*own, *rows.column_names])
     with atomic_path(path, fsync=True) as tmp:
         pq.write_table(table, tmp)
+    if raw:
+        Path(raw).unlink(missing_ok=True)
     return path
 
 
@@ -151,7 +158,12 @@ def cut(data: str | Path, urls: str | Path, entry: UrlList, policy: UrlPolicy, u
         rows, shards = rows + table.num_rows, shards + 1
         if path.is_file():
             continue
-        refs.append(task.remote(table, shard * size, str(path), policy))
+        # the rows travel to the task through a file on DATA, not Ray's object store: the driver's memory stays
+        # one batch and one shard (objects it puts in the store count in its RSS and grew to ~2 GB at 10 M rows)
+        raw = input_dir(data) / RAW_DIR / f"{shard_name(shard)}.parquet"
+        with atomic_path(raw) as tmp:
+            pq.write_table(table, tmp)
+        refs.append(task.remote(str(raw), shard * size, str(path), policy))
         if len(refs) >= limit:
             _, refs = ray.wait(refs, num_returns=1)
     ray.get(refs)

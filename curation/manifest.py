@@ -70,4 +70,6 @@ def manifest_parts(data: str | Path) -> list[Path]:
 def read_manifest(data: str | Path, columns: list[str] | None = None) -> pa.Table:
     """Every manifest row of DATA, in key order (small DATA, tests, reports; stages that scale use
     `manifest_parts`)."""
-    return pa.concat_tables(pq.read_table(p, columns=columns) for p in manifest_parts(data))
+    # parts of URL lists added later may carry other input columns: the union, null where a list has none
+    return pa.concat_tables((pq.read_table(p, columns=columns) for p in manifest_parts(data)),
+                            promote_options="permissive")

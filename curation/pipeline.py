@@ -102,7 +102,8 @@ def curate(urls: str | Path, data: str | Path, cfg: CurateConfig, ray_address: s
     dup_file_of = {s: path for gen, path in zip(generations, dup_files) for s in gen}
     with timings("manifest"):
         summary, sample = write_manifest_parts(data, shards, done, dup_file_of)
-    timings.write(data / "reports" / "timings.json", rows=summary["total"], shards=len(shards))
+    timings.write(data / "reports" / "timings.json", rows=summary["total"], shards=len(shards),
+                  downloaded=summary["total"] - summary["reject_reasons"]["unsafe_url"])
     print(format_funnel(summary))
     write_funnel_json(summary, data / "reports" / "funnel.json")
     report = write_report(data, sample, cfg, summary=summary)

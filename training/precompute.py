@@ -5,15 +5,17 @@
 Steps (kill at any moment and rerun the same command: only unfinished shards are redone):
   1. the cache key from the configs alone (training/cache_key.py: identities from the models' config files,
      weights fingerprints; nothing loaded) → encoders.json and the shard set id;
-  2. candidates: kept manifest rows with every requested caption variant ok (the rest counted as skipped);
+  2. the plan, Ray tasks over the manifest's parts (training/precompute_parts.py): candidates (kept rows with
+     every requested caption variant ok; the rest counted as skipped), a bucket per image from sizes alone, small
+     buckets merged or dropped, every shard's rows and hash; shards whose done marker is for that hash are done;
   3. probe, one Ray task on an encoder's resources: loads both models, checks they agree with the key, counts the
-     tokens of a caption sample;
-  4. plan on the driver, from sizes alone: bucket per image, small buckets merged or dropped, a fixed shard per
-     key; the storage estimate is printed and checked against `disk_budget_gb` and the free disk;
-  5. Ray Data over the unfinished shards: decode + resize/crop tasks (CPU) → encoder actors (a GPU each where
-     the cluster has GPUs) → the driver streams the samples into `shard-N.tar.tmp`, renames it when the shard is
-     complete and then writes its done marker;
-  6. index.parquet, errors.parquet, DATA/reports/buckets.html and DATA/reports/precompute.json.
+     tokens of a caption sample; the storage estimate is printed and checked against `disk_budget_gb` and the
+     free disk;
+  4. encoder actors (a GPU each where the cluster has GPUs), one shard per call: decode + resize/crop tasks (CPU)
+     beside the actor, then the actor encodes, writes `.shard-N.tar.<id>.tmp`, renames it and writes its done
+     marker (training/precompute_output.py); the driver holds one small record per shard, never a sample;
+  5. index.parquet and errors.parquet from the shards' records and the plan's error files, DATA/reports/
+     buckets.html and DATA/reports/precompute.json (with the shards each node encoded).
 """
 
 from __future__ import annotations
@@ -21,38 +23,23 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter, deque
 from pathlib import Path
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
-from common.atomic import atomic_path, publish, write_json, write_text
+from common.atomic import write_json, write_text
+from common.progress import progress_bar
 from common.ray_runtime import init_ray
 from training.bucket_report import format_buckets, write_bucket_report
 from training.buckets import BucketTable
 from training.cache_key import encoders_record, loaded_mismatches, table_for
 from training.precompute_config import PrecomputeConfig
-from training.precompute_plan import (
-    assign_buckets,
-    assign_shards,
-    caption_column,
-    caption_sources,
-    locate_images,
-    read_candidates,
-    shard_hashes,
-)
-from training.precompute_workers import Encoder, decode_batch, probe_encoders
-from training.shard_format import (
-    ERRORS_FILE,
-    INDEX_FILE,
-    done_marker,
-    read_done,
-    shard_set_id,
-    tar_mismatch,
-    write_encoders,
-)
+from training.precompute_output import write_outputs
+from training.precompute_parts import plan, plan_dir, plan_errors, ray_get
+from training.precompute_plan import caption_sources
+from training.precompute_workers import Encoder, probe_encoders
+from training.shard_format import ERRORS_FILE, shard_set_id, write_encoders
 
 PADDED_TOKENS = 512  # the padded layout the estimate compares against (GPT-OSS's 512-token limit)
 TAR_OVERHEAD = 3 * 512 + 3 * 256 + 512  # per sample: 3 member headers, average padding, safetensors header
@@ -62,21 +49,24 @@ def shards_dir(data: str | Path) -> Path:
     return Path(data) / "shards"
 
 
-def estimate_storage(rows: pd.DataFrame, table: BucketTable, probe: dict, cfg: PrecomputeConfig) -> dict:
-    """Bytes per sample (latent per bucket, mean tokens per variant × feature width × dtype) and in total, and
-    the same sample with every caption padded to 512 tokens in float32."""
+def estimate_storage(counts: dict[str, int], chars: dict[str, int], table: BucketTable, probe: dict,
+                     cfg: PrecomputeConfig) -> dict:
+    """Bytes per sample (latent per bucket from `counts`, mean tokens per variant × feature width × dtype, the
+    captions' `chars` in meta.json) and in total, and the same sample with every caption padded to 512 tokens in
+    float32."""
     c, f, dim = probe["channels"], probe["factor"], probe["feature_dim"]
     cells = {b.name: c * (b.width // f) * (b.height // f) for b in table.buckets}
-    mean_cells = float(rows["bucket"].map(cells).mean()) if len(rows) else 0.0
+    samples = sum(counts.values())
+    mean_cells = sum(cells[b] * n for b, n in counts.items()) / samples if samples else 0.0
     latent = mean_cells * (2 if cfg.latent_dtype == "bfloat16" else 4)
     per_token = {"bfloat16": 2 * dim, "float8_e4m3fn": dim + 4}[cfg.text_dtype]
     tokens = {v: (sum(ls) / len(ls) if ls else 0.0) for v, ls in probe["lengths"].items()}
     text = sum(tokens.values()) * per_token
-    captions = sum(rows[caption_column(v)].str.len().mean() for v in cfg.variants) if len(rows) else 0.0
+    captions = sum(chars.values()) / samples if samples else 0.0
     overhead = TAR_OVERHEAD + 300 + float(captions)  # + meta.json
     per_sample = latent + text + overhead
     padded_text = len(cfg.variants) * PADDED_TOKENS * dim * 4
-    return {"samples": len(rows), "per_sample": per_sample, "total": per_sample * len(rows), "latent": latent,
+    return {"samples": samples, "per_sample": per_sample, "total": per_sample * samples, "latent": latent,
             "text": text, "mean_tokens": tokens, "padded_fp32_per_sample": mean_cells * 4 + padded_text + overhead,
             "padded_fp32_text": padded_text, "feature_dim": dim}
 
@@ -108,198 +98,111 @@ def check_budget(est: dict, cfg: PrecomputeConfig, remaining_bytes: float, out: 
         raise ValueError(f"precompute: {_size(remaining_bytes)} left to write but only {_size(free)} free at {out}")
 
 
-# --- per-shard completion -----------------------------------------------------------------------------------------
+# --- encoding -----------------------------------------------------------------------------------------------------
 
 
-def marker_path(set_dir: Path, shard: str) -> Path:
-    return done_marker(set_dir / shard)
-
-
-def shard_done(set_dir: Path, shard: str, plan_hash: str) -> bool:
-    """Done with this plan: its marker is for the plan and vouches for the tar (there, with the size recorded)."""
-    record = read_done(set_dir / shard)
-    return record is not None and record.get("plan") == plan_hash and tar_mismatch(set_dir / shard, record) is None
-
-
-def _clean(set_dir: Path, hashes: dict[str, str]) -> None:
-    """Remove temporary files, and tars/markers that are not in this plan or are not done with it; a marker of
-    this plan whose tar is gone or cut is said, in one line, before its shard is redone."""
-    for shard, plan_hash in hashes.items():
-        record = read_done(set_dir / shard)
-        if record is not None and record.get("plan") == plan_hash and (why := tar_mismatch(set_dir / shard, record)):
-            print(f"precompute: {why}: redoing {shard}")
-    for path in set_dir.glob("*/.shard-*.tmp"):  # a marker a kill caught mid-write (common/atomic.py's names)
-        path.unlink()
-    for path in set_dir.glob("*/shard-*"):
-        shard = f"{path.parent.name}/{path.name.replace('.done.json', '.tar').removesuffix('.tmp')}"
-        if path.suffix == ".tmp" or shard not in hashes or not shard_done(set_dir, shard, hashes[shard]):
-            path.unlink()
-
-
-class ShardWriter:
-    """Streams encoded rows into per-shard tars (`.tmp`); a shard whose planned rows have all arrived is renamed
-    into place and then marked done (the marker also lists its errors)."""
-
-    def __init__(self, set_dir: Path, expected: dict[str, int], hashes: dict[str, str]):
-        self.set_dir, self.expected, self.hashes = set_dir, expected, hashes
-        self.open: dict[str, dict] = {}
-        self.finished = 0
-
-    def add(self, row) -> None:
-        import webdataset as wds
-
-        state = self.open.get(row.shard)
-        if state is None:
-            tmp = self.set_dir / f"{row.shard}.tmp"
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            stream = open(tmp, "wb")
-            state = self.open[row.shard] = {"tmp": tmp, "stream": stream, "seen": 0, "samples": 0, "errors": [],
-                                            "tar": wds.TarWriter(stream, encoder=False, mtime=0)}
-        if not isinstance(row.error, str):  # None arrives as None or NA, depending on the batch
-            state["tar"].write({"__key__": row.key, "tensors.safetensors": row.sample, "meta.json": row.meta})
-            state["samples"] += 1
-        else:
-            state["errors"].append({"key": row.key, "stage": row.stage, "error": row.error})
-        state["seen"] += 1
-        if state["seen"] == self.expected[row.shard]:
-            self._finish(row.shard, self.open.pop(row.shard))
-
-    def _finish(self, shard: str, state: dict) -> None:
-        state["tar"].close()
-        state["stream"].close()
-        final = self.set_dir / shard
-        publish(state["tmp"], final, fsync=True)  # the tar on disk before the marker that vouches for it
-        record = {"shard": shard, "plan": self.hashes[shard], "samples": state["samples"],
-                  "bytes": final.stat().st_size, "errors": state["errors"]}
-        write_json(marker_path(self.set_dir, shard), record, fsync=True)
-        self.finished += 1
-
-
-def encode_shards(rows: pd.DataFrame, cfg: PrecomputeConfig, table: BucketTable, data: Path, set_dir: Path,
-                  hashes: dict) -> dict:
-    """Ray Data over the plan rows of unfinished shards; returns timings of the stream."""
+def _gpus(cfg: PrecomputeConfig) -> float:
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # rows leave in plan order: one shard open at a time, same tars
-    ctx.enable_progress_bars = False
-    gpus = cfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    chunk = cfg.decode_batch_size * 4
-    ds = ray.data.from_pandas([rows.iloc[i:i + chunk] for i in range(0, len(rows), chunk)])
-    # A decode task's memory: its source images and resized copies. Also keeps it apart from the encoder actors
-    # (Ray Data fuses ops with equal resource args): fused, decoding would run inside the actor, in series.
-    decode_memory = max(512 * 2**20, cfg.decode_batch_size * max(b.width * b.height for b in table.buckets) * 12)
-    ds = ds.map_batches(decode_batch, batch_size=cfg.decode_batch_size, batch_format="pandas", num_cpus=1,
-                        memory=decode_memory,
-                        fn_kwargs={"data": str(data), "max_pixels": cfg.max_pixels, "variants": cfg.variants})
-    ds = ds.map_batches(Encoder, batch_size=cfg.batch_size, batch_format="pandas",
-                        compute=ray.data.ActorPoolStrategy(size=cfg.encoder_actors), num_gpus=gpus,
-                        num_cpus=cfg.cpus_per_actor, fn_constructor_kwargs={"cfg": cfg})
-    writer = ShardWriter(set_dir, rows.groupby("shard").size().to_dict(), hashes)
-    started, first = time.perf_counter(), None
-    n_first = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-        if first is None:
-            first, n_first = time.perf_counter(), len(batch)
-        for row in batch.itertuples(index=False):
-            writer.add(row)
+    return cfg.gpus_per_actor if cfg.gpus_per_actor is not None else int(ray.cluster_resources().get("GPU", 0) >= 1)
+
+
+def encode_shards(todo: list[dict], cfg: PrecomputeConfig, data: Path, set_dir: Path) -> tuple[list[dict], dict]:
+    """The unfinished shards over `encoder_actors` actors (spread over the nodes), two calls queued per actor so
+    none waits for the driver; returns the shards' records ({shard, plan, samples, bytes, errors, node}) and the
+    stream's timings."""
+    import ray
+
+    gpus, actors = _gpus(cfg), min(cfg.encoder_actors, len(todo))
+    if ray.cluster_resources().get("CPU", 0) - actors * cfg.cpus_per_actor < 1:
+        raise ValueError(f"precompute: {actors} encoder actors × cpus_per_actor {cfg.cpus_per_actor:g} leave no CPU "
+                         "of the Ray cluster for decoding; lower encoder_actors or cpus_per_actor")
+    remote = ray.remote(Encoder).options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD")
+    pool = [remote.remote(cfg) for _ in range(actors)]
+    queue, pending, records = deque(todo), {}, []
+    started, first, n_first = time.perf_counter(), None, 0
+    with progress_bar(total=len(todo), desc="precompute", unit="shard") as bar:
+        for actor in pool + pool:
+            if queue:
+                pending[actor.encode_shard.remote(str(set_dir), str(data), queue.popleft())] = actor
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ref)
+            records.append(ray_get(ref))
+            if first is None:
+                first, n_first = time.perf_counter(), records[0]["samples"] + len(records[0]["errors"])
+            if queue:
+                pending[actor.encode_shard.remote(str(set_dir), str(data), queue.popleft())] = actor
+            bar.update(1)
     ended = time.perf_counter()
-    if writer.open:
-        raise RuntimeError(f"precompute: shards left incomplete: {sorted(writer.open)}")
-    steady = (len(rows) - n_first) / (ended - first) if first and ended > first else None
-    return {"encode_s": round(ended - started, 3), "first_output_s": round((first or ended) - started, 3),
-            "steady_samples_per_s": steady, "encoded": len(rows), "gpus_per_actor": gpus}
+    for actor in pool:
+        ray.kill(actor)
+    rows = sum(s["rows"] for s in todo)
+    steady = (rows - n_first) / (ended - first) if first and ended > first else None
+    return records, {"encode_s": round(ended - started, 3), "first_output_s": round((first or ended) - started, 3),
+                     "steady_samples_per_s": steady, "encoded": rows, "gpus_per_actor": gpus}
 
 
-# --- outputs ------------------------------------------------------------------------------------------------------
-
-
-def write_outputs(set_dir: Path, hashes: dict, table: BucketTable, plan_errors: list[dict]) -> tuple[pd.DataFrame,
-                                                                                                      pd.DataFrame]:
-    """index.parquet over every planned shard (from the markers) and errors.parquet (plan + shard errors)."""
-    index, errors = [], list(plan_errors)
-    for shard in sorted(hashes):
-        marker = json.loads(marker_path(set_dir, shard).read_text())
-        bucket = table.by_name(shard.split("/")[0])
-        errors += [{**e, "shard": shard} for e in marker["errors"]]
-        if marker["samples"]:
-            index.append({"shard": shard, "bucket": bucket.name, "base": bucket.base, "ratio": bucket.ratio,
-                          "samples": marker["samples"], "bytes": marker["bytes"]})
-    index_df = pd.DataFrame(index, columns=["shard", "bucket", "base", "ratio", "samples", "bytes"])
-    errors_df = pd.DataFrame(errors, columns=["key", "stage", "error", "shard"]).astype(str).replace("None", None)
-    for df, name in ((index_df, INDEX_FILE), (errors_df, ERRORS_FILE)):
-        with atomic_path(set_dir / name) as tmp:
-            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-    return index_df, errors_df
-
-
-def _probe(cfg: PrecomputeConfig, rows: pd.DataFrame) -> dict:
+def _probe(cfg: PrecomputeConfig, texts: dict[str, list[str]]) -> dict:
     """probe_encoders on an encoder's resources (a GPU when the cluster has one); its own errors, unwrapped."""
     import ray
 
-    sample = rows.sample(min(cfg.estimate_sample, len(rows)), random_state=0) if len(rows) else rows
-    texts = {v: sample[caption_column(v)].tolist() for v in cfg.variants}
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else int(ray.cluster_resources().get("GPU", 0) >= 1)
-    task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)(probe_encoders)
-    try:
-        return ray.get(task.remote(cfg, texts))
-    except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, Exception):
-            raise err.cause from None
-        raise
+    task = ray.remote(num_cpus=cfg.cpus_per_actor, num_gpus=_gpus(cfg))(probe_encoders)
+    return ray_get(task.remote(cfg, texts))
 
 
 def precompute(data: str | Path, cfg: PrecomputeConfig, ray_address: str | None = None) -> Path:
     """Run (or finish) the shard set of `cfg` under DATA/shards/; returns its directory."""
     data = Path(data)
-    timings: dict = {}
     started = time.perf_counter()
     table = table_for(cfg)
     sources = caption_sources(data, cfg.variants, cfg.caption_model, cfg.caption_prompts)
     record = encoders_record(cfg, table, sources)  # a wrong spec or path fails here, in one line, before Ray starts
-    rows, skipped = read_candidates(data, cfg.variants, sources)
-    by = "".join(f"; {v} by {m} ({p})" for v, (m, p) in sources.items())
-    print(f"precompute: {len(rows):,} kept images with every variant of {cfg.variants}{by}; "
-          f"{sum(skipped.values()):,} skipped" + (f" ({dict(skipped)})" if skipped else ""))
-    if rows.empty:
-        raise ValueError(f"precompute: nothing to encode: no kept image of {data} has every variant of "
-                         f"{cfg.variants} ({dict(skipped) or 'no kept images'}); run `lensforge caption` first")
     init_ray(ray_address)
-    probe = _probe(cfg, rows)
-    timings["probe_s"] = round(time.perf_counter() - started, 3)
+    set_dir = shards_dir(data) / shard_set_id(record)
+    clock = time.perf_counter()
+    summary = plan(data, cfg, set_dir, table, sources)  # ValueError when nothing is captioned
+    timings = {"ray_s": round(clock - started, 3), "plan_s": round(time.perf_counter() - clock, 3),
+               **summary["seconds"]}
+    clock = time.perf_counter()
+    probe = _probe(cfg, summary["sample"])
+    timings["probe_s"] = round(time.perf_counter() - clock, 3)
     if problems := loaded_mismatches(record, probe):
         raise ValueError("precompute: the loaded encoders disagree with the cache key made from their config "
                          f"files: {'; '.join(problems)}")
 
-    set_dir = shards_dir(data) / shard_set_id(record)
-    rows, plan_errors = locate_images(data, rows)
-    rows, changes = assign_buckets(rows, table, cfg.min_bucket_samples, cfg.small_buckets)
-    rows = assign_shards(rows, cfg.shard_size)
-    hashes = shard_hashes(rows, cfg.variants)
-    est = estimate_storage(rows, table, probe, cfg)
+    est = estimate_storage(summary["counts"], summary["chars"], table, probe, cfg)
     print(format_estimate(est))
-    set_dir.mkdir(parents=True, exist_ok=True)
-    _clean(set_dir, hashes)
-    done = {s for s, h in hashes.items() if shard_done(set_dir, s, h)}  # one marker read per shard, not per row
-    todo = rows[~rows["shard"].isin(done)]
-    check_budget(est, cfg, est["per_sample"] * len(todo), set_dir)
+    shards = summary["shards"]
+    for s in shards:
+        if s["why"]:
+            print(f"precompute: {s['why']}: redoing {s['shard']}")
+    todo = [s for s in shards if not s["done"]]
+    check_budget(est, cfg, est["per_sample"] * sum(s["rows"] for s in todo), set_dir)
     write_encoders(set_dir, record)
     write_text(set_dir / "config.precompute.yaml",
                yaml.safe_dump({"precompute": json.loads(cfg.model_dump_json())}, sort_keys=False))
-    print(f"precompute: shard set {set_dir} — {len(hashes)} shards, {len(done)} "
-          f"already done, {len(todo):,} images to encode")
-    if len(todo):
-        timings.update(encode_shards(todo, cfg, table, data, set_dir, hashes))
+    print(f"precompute: shard set {set_dir} — {len(shards)} shards, {len(shards) - len(todo)} "
+          f"already done, {sum(s['rows'] for s in todo):,} images to encode")
+    records = [s["marker"] for s in shards if s["done"]]
+    nodes: Counter = Counter()
+    if todo:
+        encoded, stream = encode_shards(todo, cfg, data, set_dir)
+        records += encoded
+        nodes.update(r["node"] for r in encoded)
+        timings.update(stream)
 
-    index, errors = write_outputs(set_dir, hashes, table, plan_errors)
-    print(format_buckets(index, changes))
-    report = write_bucket_report(data / "reports" / "buckets.html", set_dir, index, changes, skipped, errors, est)
+    index, errors = write_outputs(set_dir, records, table, plan_errors(set_dir))
+    shutil.rmtree(plan_dir(set_dir), ignore_errors=True)
+    print(format_buckets(index, summary["changes"]))
+    report = write_bucket_report(data / "reports" / "buckets.html", set_dir, index, summary["changes"],
+                                 summary["skipped"], errors, est)
     timings["total_s"] = round(time.perf_counter() - started, 3)
-    summary = {"set_id": set_dir.name, "samples": int(index["samples"].sum()), "errors": len(errors),
-               "skipped": dict(skipped), "small_buckets": changes, "estimate": est, "seconds": timings}
-    write_json(data / "reports" / "precompute.json", summary, default=float)
-    print(f"precompute: {summary['samples']:,} samples in {len(index)} shards, {len(errors)} errors "
+    out = {"set_id": set_dir.name, "samples": int(index["samples"].sum()), "errors": len(errors),
+           "skipped": dict(summary["skipped"]), "small_buckets": summary["changes"], "estimate": est,
+           "parts": summary["parts"], "shards": len(shards), "already_done": len(shards) - len(todo),
+           "encoded_by_node": dict(sorted(nodes.items())), "seconds": timings}
+    write_json(data / "reports" / "precompute.json", out, default=float)
+    print(f"precompute: {out['samples']:,} samples in {len(index)} shards, {len(errors)} errors "
           f"({set_dir / ERRORS_FILE}); report at {report}")
     return set_dir

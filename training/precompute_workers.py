@@ -2,6 +2,7 @@
 
     decode_batch(rows, data=..., max_pixels=...)   # pandas batch of plan rows → pixels of each row's bucket
     Encoder(cfg)(batch)                             # → packed samples (tensors.safetensors, meta.json) or errors
+    Encoder(cfg).encode_shard(set_dir, data, shard) # one planned shard → its tar and done marker, written here
     probe_encoders(cfg, texts)                      # loaded identities + geometry + text lengths
 
 Nothing here normalizes latents or templates text: `inference.codecs` and `inference.text` do, in the actor.
@@ -22,6 +23,7 @@ from PIL import Image
 from curation.pixel_filters import decode
 from training.buckets import Bucket, crop_box
 from training.precompute_config import PrecomputeConfig
+from training.precompute_output import ShardWriter
 from training.precompute_plan import caption_column
 from training.shard_format import canonical_json, pack_sample
 
@@ -114,7 +116,8 @@ def probe_encoders(cfg: PrecomputeConfig, texts: dict[str, list[str]]) -> dict:
 
 
 class Encoder:
-    """One codec + text encoder per Ray actor (GPU when there is one); batches of decoded rows → packed samples."""
+    """One codec + text encoder per Ray actor (GPU when there is one); batches of decoded rows → packed samples;
+    `encode_shard`: one planned shard → its tar and done marker."""
 
     def __init__(self, cfg: PrecomputeConfig):
         threads = os.environ.get("OMP_NUM_THREADS")  # Ray sets it from the actor's num_cpus
@@ -175,3 +178,42 @@ class Encoder:
         return pd.DataFrame({"key": batch["key"].to_numpy(), "shard": batch["shard"].to_numpy(),
                              "sample": [r["sample"] for r in results], "meta": [r["meta"] for r in results],
                              "error": [r["error"] for r in results], "stage": [r["stage"] for r in results]})
+
+    def encode_shard(self, set_dir: str, data: str, shard: dict) -> dict:
+        """One shard of the plan ({shard, plan, rows, file}: training/precompute_parts.py) → its tar and done marker,
+        written by this actor; returns the marker's record and this node's id. Its rows are decoded by CPU tasks
+        beside the actor, a few chunks ahead of the encoder (their pixels wait in the object store, not more)."""
+        import ray
+
+        rows = pd.read_parquet(shard["file"]).assign(shard=shard["shard"])
+        if len(rows) != shard["rows"]:
+            raise RuntimeError(f"precompute: {shard['file']} holds {len(rows)} rows, {shard['rows']} planned")
+        w, h = (int(x) for x in rows["bucket"].iat[0].split("x"))
+        step = self.cfg.decode_batch_size
+        # A decode task's memory: its source images and resized copies. Also keeps it off this actor's resources.
+        decode = ray.remote(decode_batch).options(num_cpus=1, memory=max(512 * 2**20, step * w * h * 12))
+        ahead = max(4, 2 * -(-self.cfg.batch_size // step))  # chunks decoded ahead: 2 encoder batches, at least 4
+        starts, pending = list(range(0, len(rows), step)), []
+        writer = ShardWriter(Path(set_dir), shard["shard"], shard["plan"])
+        try:
+            batch = None
+            for i in range(len(starts)):
+                while len(pending) < ahead and i + len(pending) < len(starts):
+                    start = starts[i + len(pending)]
+                    pending.append(decode.remote(rows.iloc[start:start + step], data, self.cfg.max_pixels,
+                                                 self.cfg.variants))
+                got = ray.get(pending.pop(0))
+                batch = got if batch is None else pd.concat([batch, got], ignore_index=True)
+                last = i == len(starts) - 1
+                while len(batch) >= self.cfg.batch_size or (last and len(batch)):  # batches of batch_size rows
+                    self._write(writer, batch.iloc[:self.cfg.batch_size])
+                    batch = batch.iloc[self.cfg.batch_size:]
+            record = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        return {**record, "node": ray.get_runtime_context().get_node_id()}
+
+    def _write(self, writer: ShardWriter, decoded: pd.DataFrame) -> None:
+        for r in self(decoded).itertuples(index=False):
+            writer.add(r.key, r.sample, r.meta, r.error if isinstance(r.error, str) else None, r.stage)

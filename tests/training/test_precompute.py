@@ -156,7 +156,8 @@ def test_a_tiny_lens_release_precomputes_by_its_own_paths(tmp_path, ray_local, d
         torch.testing.assert_close(stored.float(), features[0][mask[0]], atol=0.03, rtol=0.02)
 
 
-def test_no_captions_and_another_captioner_are_one_line_errors(tmp_path, data_builder, capsys):
+def test_no_captions_and_another_captioner_are_one_line_errors(tmp_path, ray_local, data_builder, capsys):
+    """(The plan's first pass, Ray tasks over the manifest's parts, finds that nothing is captioned: Ray is up.)"""
     import shutil
 
     from pipelines import cli
@@ -170,7 +171,7 @@ def test_no_captions_and_another_captioner_are_one_line_errors(tmp_path, data_bu
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "run `lensforge caption` first" in err and "Traceback" not in err
-    assert not (data / "shards").exists()  # refused before Ray starts or any set is made
+    assert not (data / "shards").exists()  # refused before any set is made: the plan's folder is gone too
 
 
 def test_disk_budget_refuses_before_encoding(tmp_path, ray_local, capsys, data_builder):
@@ -195,14 +196,23 @@ def test_small_buckets_are_merged_into_the_nearest_ratio_or_dropped():
 
 
 KILLED_RUN = """
-import json, sys, time
+import json, sys
 import training.precompute as P
+from common.ray_runtime import init_ray
 from training.precompute_config import PrecomputeConfig
-finish = P.ShardWriter._finish
-def slow_finish(self, shard, state):  # a slow disk: the test kills the run after the first shard
-    finish(self, shard, state)
-    time.sleep(30)
-P.ShardWriter._finish = slow_finish
+
+def slow_disk():  # in each Ray worker: its first shard is finished at once, any later one after 30 s
+    import time
+    from training.precompute_output import ShardWriter
+    finish, first = ShardWriter.finish, []
+    def slow_finish(self):
+        if first:
+            time.sleep(30)  # the test kills the run meanwhile
+        first.append(self.shard)
+        return finish(self)
+    ShardWriter.finish = slow_finish
+
+init_ray(runtime_env={"worker_process_setup_hook": slow_disk})  # the encoder actors write the shards
 P.precompute(sys.argv[1], PrecomputeConfig.model_validate(json.loads(sys.argv[2])))
 """
 
@@ -239,8 +249,8 @@ def test_kill_and_resume_gives_the_same_shards(tmp_path, reference, data_builder
             torch.testing.assert_close(feats.float(), theirs[key]["text"][v].float(), atol=0.03, rtol=0.02)
 
 
-def test_a_marker_is_honoured_only_while_its_tar_has_the_size_it_records(tmp_path, capsys):
-    from training.precompute import _clean, marker_path, shard_done
+def test_a_marker_is_honoured_only_while_its_tar_has_the_size_it_records(tmp_path):
+    from training.precompute_output import marker_path, settle_shard, shard_done
 
     shard = "32x32/shard-000000.tar"
     (tmp_path / "32x32").mkdir()
@@ -249,9 +259,8 @@ def test_a_marker_is_honoured_only_while_its_tar_has_the_size_it_records(tmp_pat
     assert shard_done(tmp_path, shard, "p1") and not shard_done(tmp_path, shard, "p2")
     (tmp_path / shard).write_bytes(b"t" * 512)
     assert not shard_done(tmp_path, shard, "p1")
-    _clean(tmp_path, {shard: "p1"})
-    assert capsys.readouterr().out == (f"precompute: {tmp_path / shard} is 512 bytes, its done marker records 1,024: "
-                                       f"redoing {shard}\n")
+    assert settle_shard(tmp_path, shard, "p1") == (
+        None, f"{tmp_path / shard} is 512 bytes, its done marker records 1,024")  # printed by the driver
     assert not list((tmp_path / "32x32").iterdir())  # the cut tar and its marker are gone: the shard is redone
 
 
