@@ -128,21 +128,6 @@ def ray_summaries(data, cfg: CaptionConfig, presets: dict[str, Preset], parts: l
     return [summary for got in ray.get(refs) for summary in got]
 
 
-def node_strategies(n: int) -> list:
-    """Where each of `n` actors runs: actor i pinned to the cluster's alive node i % nodes (those with CPUs, the
-    head of a cluster often has none; every node when none has). Not Ray's "SPREAD": it is best effort, each
-    raylet round-robins on its own and a fresh node is not in every view yet, so on a new two-node cluster it put
-    both actors on one node in about a third of tries. Hard affinity: an actor whose node died in between fails
-    the job, and the rerun does what is left."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    alive = [node for node in ray.nodes() if node["Alive"]]
-    nodes = sorted(node["NodeID"] for node in alive if node["Resources"].get("CPU", 0) > 0) or sorted(
-        node["NodeID"] for node in alive)
-    return [NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False) for i in range(n)]
-
-
 def run_ray(data, cfg: CaptionConfig, presets: dict[str, Preset], parts: list[str], pairs: int, run_id: str,
             spent: float = 0.0) -> dict:
     """`parts` (those with pending work; `pairs` in all, for the bar) dealt over min(workers, parts) actors, actor
@@ -150,7 +135,7 @@ def run_ray(data, cfg: CaptionConfig, presets: dict[str, Preset], parts: list[st
     import ray
 
     from captioning.ledger import LedgerActor
-    from common.ray_runtime import init_ray
+    from common.ray_runtime import init_ray, node_strategies
 
     api_key = resolve_api_key(cfg)
     env = proxy_env()

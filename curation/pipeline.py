@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common.atomic import write_json
 from common.progress import progress_bar
-from common.ray_runtime import init_ray
+from common.ray_runtime import init_ray, node_strategies
 from curation.config import CurateConfig
 from curation.dedup_job import run_dedup
 from curation.download import download, download_stamp, ray_runtime_env, url_policy
@@ -67,8 +67,9 @@ def filter_shards(data: Path, cfg: CurateConfig, shards: list[str]) -> list[dict
         return []
     cpus = int(ray.available_resources().get("CPU", 1)) or 1
     n_actors = min(len(todo), cfg.models.actors if cfg.models.clip_model else cpus)
-    actor_cls = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(ShardFilter)
-    pool = ActorPool([actor_cls.remote(str(data), cfg) for _ in range(n_actors)])
+    actor_cls = ray.remote(num_cpus=1)(ShardFilter)
+    pool = ActorPool([actor_cls.options(scheduling_strategy=s).remote(str(data), cfg)  # one per node in turn
+                      for s in node_strategies(n_actors, per_actor=1)])
     stats = []
     for result in progress_bar(pool.map_unordered(lambda a, s: a.__call__.remote(s), todo), total=len(todo),
                                desc="filter", unit="shard"):

@@ -30,7 +30,7 @@ import yaml
 
 from common.atomic import write_json, write_text
 from common.progress import progress_bar
-from common.ray_runtime import init_ray
+from common.ray_runtime import init_ray, node_order
 from training.bucket_report import format_buckets, write_bucket_report
 from training.buckets import BucketTable
 from training.cache_key import encoders_record, loaded_mismatches, table_for
@@ -113,12 +113,20 @@ def encode_shards(todo: list[dict], cfg: PrecomputeConfig, data: Path, set_dir: 
     stream's timings."""
     import ray
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     gpus, actors = _gpus(cfg), min(cfg.encoder_actors, len(todo))
-    if ray.cluster_resources().get("CPU", 0) - actors * cfg.cpus_per_actor < 1:
-        raise ValueError(f"precompute: {actors} encoder actors × cpus_per_actor {cfg.cpus_per_actor:g} leave no CPU "
-                         "of the Ray cluster for decoding; lower encoder_actors or cpus_per_actor")
-    remote = ray.remote(Encoder).options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD")
-    pool = [remote.remote(cfg) for _ in range(actors)]
+    nodes = ray.nodes()
+    # one actor per node in turn, by room (Ray's SPREAD is best effort); a decode task needs a whole CPU on a node
+    order = node_order(nodes, actors, "GPU" if gpus else "CPU", gpus or cfg.cpus_per_actor)
+    free = [n["Resources"].get("CPU", 0) - order.count(n["NodeID"]) * cfg.cpus_per_actor for n in nodes if n["Alive"]]
+    if max(free, default=0) < 1:
+        raise ValueError(f"precompute: {actors} encoder actors × cpus_per_actor {cfg.cpus_per_actor:g} leave no node "
+                         "of the Ray cluster a CPU for decoding; lower encoder_actors or cpus_per_actor")
+    remote = ray.remote(Encoder)
+    pool = [remote.options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus,
+                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(cfg)
+            for node in order]
     queue, pending, records = deque(todo), {}, []
     started, first, n_first = time.perf_counter(), None, 0
     with progress_bar(total=len(todo), desc="precompute", unit="shard") as bar:

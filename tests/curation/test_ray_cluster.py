@@ -41,7 +41,8 @@ def stages(urls: Path, data: Path, endpoint: str, env: dict, address: str | None
     caption = [str(BIN / "lensforge"), "caption", "--data", str(data), "--base-url", endpoint, "--model",
                "gpt-4.1-mini", "--variants", "short", "--workers", "2", *on]
     precompute = [str(BIN / "lensforge"), "precompute", "--data", str(data), "--variants", "short", *on,
-                  "--set", "precompute.shard_size=16"]
+                  "--set", "precompute.shard_size=16", "--set", "precompute.encoder_actors=2", "--set",
+                  "precompute.cpus_per_actor=0.5"]
     for cmd in (curate, caption, precompute):
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, " ".join(cmd[:2]) + "\n" + run.stdout[-2000:] + run.stderr[-2000:]
@@ -61,7 +62,7 @@ def test_curate_caption_and_precompute_run_on_both_nodes_and_equal_a_one_node_ru
     server, base_url = start_server(scenes_dir.mkdir() or scenes_dir, host="127.0.0.1", port=0)
     urls = render_dataset(ScenesConfig(n=80, faults=0.0, seed=5, base_url=base_url), scenes_dir)
     endpoint, endpoint_url = start_endpoint(host="127.0.0.1", port=0)
-    common = ["--num-cpus=1", "--disable-usage-stats"]
+    common = ["--num-cpus=2", "--disable-usage-stats"]  # 2 logical CPUs a node: an encoder actor and a decoder
     try:
         stages(urls, tmp_path / "one", endpoint_url, env, None)
         started = ray_cli("start", "--head", f"--node-ip-address={HEAD}", f"--port={PORT}",
