@@ -1,12 +1,13 @@
 """Curation throughput against its peer, measured in one run on this machine.
 
-    .venv/bin/python bench/curate.py [--n 2000] [--repeats 1] [--out bench-out/curate]
+    .venv/bin/python bench/curate.py [--n 2000] [--size 256] [--repeats 1] [--out bench-out/curate]
+    .venv/bin/python bench/curate.py --n 100000 --size 64      # issue 15's 100 k small images (~15 min)
 
-Serves N 256² JPEG scenes over loopback, then:
+Serves N size² JPEG scenes over loopback, then:
   - raw img2dataset CLI (its default multiprocessing distributor, same shard size, threads and no re-encoding):
     images/s over the whole command;
-  - `lensforge curate`: images/s of its download stage (img2dataset on Ray behind the URL guard), from the
-    run's DATA/reports/timings.json, and the ratio to the raw CLI (goal >= 0.9);
+  - `lensforge curate`: images/s of its input and download stages (the list cut into shards, img2dataset on Ray
+    behind the URL guard), from the run's DATA/reports/timings.json, and the ratio to the raw CLI (goal >= 0.9);
   - pixel filters + dedup: images/s per core.
 Repeats alternate the two downloaders; medians are printed. Shared, noisy machines: read the ratios.
 """
@@ -61,7 +62,7 @@ def lensforge_curate(urls: Path, out: Path, config: Path) -> dict:
     secs = timings["seconds"]
     n = timings["downloaded"]
     return {
-        "download_ips": n / secs["download"],
+        "download_ips": n / (secs["download"] + secs.get("input", 0)),  # reading and sharding the list, as raw
         "filter_dedup_ips_per_core": n / ((secs["filter"] + secs["dedup"]) * cores),
     }
 
@@ -69,6 +70,7 @@ def lensforge_curate(urls: Path, out: Path, config: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=256, help="side of the square scenes, pixels")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default="bench-out/curate")
     args = parser.parse_args()
@@ -80,7 +82,8 @@ def main() -> None:
     scenes_dir = out / "scenes"
     scenes_dir.mkdir(parents=True, exist_ok=True)
     server, base_url = start_server(scenes_dir, host="127.0.0.1", port=0)
-    urls = render_dataset(ScenesConfig(n=args.n, faults=0.0, word_prob=0.0, base_url=base_url), scenes_dir)
+    urls = render_dataset(ScenesConfig(n=args.n, size=args.size, faults=0.0, word_prob=0.0, base_url=base_url),
+                          scenes_dir)
     config = out / "curate.yaml"
     config.write_text(yaml.safe_dump({"curate": {
         "allow_hosts": ["127.0.0.1"], "min_area": 0, "min_blur": 0, "min_entropy": 0, "min_luminance": 0,
@@ -101,10 +104,11 @@ def main() -> None:
         ("lensforge curate download stage, images/s", f"{med(ours):.1f}", f"{med(ours) / med(raw):.2f}x raw (goal >= 0.9)"),
         ("pixel filters + dedup, images/s per core", f"{med(filt):.1f}", ""),
     ]
-    print(f"\ncuration, {args.n} x 256² JPEG over loopback, {os.cpu_count()} cores, median of {args.repeats}")
+    print(f"\ncuration, {args.n} x {args.size}² JPEG over loopback, {os.cpu_count()} cores, median of {args.repeats}")
     for name, value, note in rows:
         print(f"  {name:<45} {value:>8}  {note}")
-    emit([row("curate", f"download stage (img2dataset on Ray + URL guard), {args.n} × 256² JPEG over loopback",
+    what = f"download stage (img2dataset on Ray + URL guard), {args.n} × {args.size}² JPEG over loopback"
+    emit([row("curate", what,
               med(ours), "images/s", peer=med(raw), peer_name="raw img2dataset CLI", goal=">= 0.9"),
           row("curate", "pixel filters + dedup", med(filt), "images/s per core")])
 

@@ -120,6 +120,17 @@ def table_row(r: dict) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
+# BENCHMARKS.md from this line on is kept when the table is written again: benchmarks run by hand (bench/scale.py
+# takes ~30 min and is not part of `make bench`), each with its own command, machine and date.
+KEEP_MARKER = "<!-- below: benchmarks run by hand, kept when `make bench` writes the table above -->"
+
+
+def kept_tail(old: str) -> str:
+    """The hand-run sections of an existing BENCHMARKS.md (from KEEP_MARKER on), or ""."""
+    at = old.find(KEEP_MARKER)
+    return "" if at < 0 else "\n" + old[at:]
+
+
 def render_markdown(rows: list[dict], runs: list[dict], info: dict, command: str, date: str,
                     quick: bool = False) -> str:
     """BENCHMARKS.md: the table, the machine, the date and the commands (failed scripts named, not hidden)."""
@@ -171,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {**machine(), "load": (load, os.getloadavg()[0] if load is not None else None)}
-    out.write_text(render_markdown(rows, runs, info, command, date, quick=args.quick))
+    tail = kept_tail(out.read_text()) if out.is_file() else ""
+    out.write_text(render_markdown(rows, runs, info, command, date, quick=args.quick) + tail)
     print(f"\nbench: {len(rows)} figures from {len(runs)} scripts → {out}")
     return int(any(r["returncode"] for r in runs))
 

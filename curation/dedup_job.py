@@ -39,7 +39,7 @@ from curation.dedup_shuffle import (RANKS, clip_pairs, clip_signatures, exact_pa
 from curation.markers import marker_path, read_marker, stale_reason, write_marker
 
 SAMPLE_ROWS = 100_000  # embeddings the k-means centroids are fitted on, drawn evenly over the shards
-MIN_PARTS, SHARDS_PER_PART, MAX_PARTS = 16, 4, 4096
+MIN_PARTS, SHARDS_PER_PART, MAX_PARTS = 1, 4, 4096
 DUP_COLUMNS = ("key", "dup_of")
 _CANDIDATE_COLUMNS = ["key", "reject_reason", "exact_hash", "phash", "thumb", *RANKS]
 

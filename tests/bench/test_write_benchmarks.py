@@ -3,7 +3,7 @@
 import json
 
 from bench.report import ENV, emit, row
-from bench.write_benchmarks import goal_cell, machine, render_markdown
+from bench.write_benchmarks import KEEP_MARKER, goal_cell, kept_tail, machine, render_markdown
 
 RUNS = [{"stage": "caption", "command": ".venv/bin/python -m bench.caption", "seconds": 12.0, "returncode": 0},
         {"stage": "train", "command": ".venv/bin/python -m bench.train", "seconds": 3.0, "returncode": 1}]
@@ -52,3 +52,10 @@ def test_goal_without_a_number_to_compare():
 def test_machine_names_this_machine():
     info = machine()
     assert info["cores"] and info["cpu"] and info["torch"] and info["gpu"]
+
+
+def test_hand_run_sections_survive_a_rewrite():
+    old = "# Benchmarks\n\n| old table |\n\n" + KEEP_MARKER + "\n\n## Data stages at scale\n\nfigures\n"
+    assert kept_tail(old).lstrip().startswith(KEEP_MARKER) and kept_tail(old).endswith("figures\n")
+    assert "old table" not in kept_tail(old) and kept_tail("# Benchmarks\n| t |\n") == ""
+

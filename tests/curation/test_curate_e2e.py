@@ -328,9 +328,8 @@ def test_tiny_clip_model_filter_path(world, manifest, tmp_path):
     try:
         every = dups()
         assert len(every) >= 1
-        partitioned = dups(cluster_size=16, exact=False, phash=False)
+        partitioned = dups(cluster_size=16, exact=False, phash=False)  # CLIP alone, in several k-means clusters
         assert partitioned and set(partitioned) <= set(every)  # fewer pairs across partitions, never new ones
-        assert dups(exact=False, phash=False)  # CLIP alone finds the exact copies
     finally:
         ray.shutdown()
 
