@@ -32,6 +32,7 @@ from curation.dedup_job import run_dedup
 from curation.download import download, download_stamp, ray_runtime_env, url_policy
 from curation.funnel import format_funnel, funnel_hint, write_funnel_json
 from curation.input_shards import cut, input_dir, list_shards, register
+from curation.inputs import url_batches
 from curation.manifest import manifest_dir
 from curation.manifest_writer import write_manifest  # noqa: F401 — tests and fixtures write manifests with it
 from curation.manifest_writer import write_manifest_parts
@@ -81,6 +82,9 @@ def curate(urls: str | Path, data: str | Path, cfg: CurateConfig, ray_address: s
            add: bool = False) -> dict:
     """Curate `urls` into DATA (with `add`, as one more list of a DATA that holds others); returns the funnel."""
     data = Path(data)
+    batches = url_batches(urls, cfg.url_col, cfg.caption_col)  # an unreadable or empty list, a missing url column:
+    next(batches)                                              # one line now, before Ray starts (the first batch)
+    batches.close()
     lists = register(data, urls, cfg.download.shard_size, add)  # a changed or unexpected list fails here, in one line
     timings = Timings()
     with timings("ray_init"):

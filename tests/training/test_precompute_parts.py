@@ -131,6 +131,7 @@ def test_one_group_per_bucket_is_assign_shards_plan(tmp_path, data, ray_local):
     assert summary["chars"] == chars and summary["counts"] == rows["bucket"].value_counts().to_dict()
 
 
+@pytest.mark.slow  # ~19 s; test_precompute.py's kill-and-resume test covers markers and a rerun fast
 def test_a_multi_part_run_encodes_every_shard_and_rebuilds_the_index_from_the_markers(tmp_path, data, ray_local,
                                                                                      monkeypatch, capsys):
     monkeypatch.setattr(parts, "GROUP_ROWS", 8)  # groups of two shards: shards mix manifest parts
