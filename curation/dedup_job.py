@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -183,8 +184,6 @@ def resolve(pairs: pa.Table, keep: str, rank_col: str | None, old_dups: dict[str
         df[side] = df[side].map(lambda k: old_dups.get(k, k))
     ends = [df[["a", "a_old", *(f"a_{r}" for r in RANKS)]].set_axis(["key", "old", *RANKS], axis=1),
             df[["b", "b_old", *(f"b_{r}" for r in RANKS)]].set_axis(["key", "old", *RANKS], axis=1)]
-    import pandas as pd
-
     nodes = pd.concat(ends).drop_duplicates("key").sort_values("key").reset_index(drop=True)
     index = pd.Series(np.arange(len(nodes)), index=nodes["key"])
     a, b = index[df["a"]].to_numpy(), index[df["b"]].to_numpy()

@@ -43,13 +43,11 @@ def _partition_of(values: np.ndarray, salt: int, parts: int) -> np.ndarray:
 def _write_by_part(table: pa.Table, path: Path) -> None:
     """`table` sorted by `part`, one row group per partition (reduce tasks read theirs by statistics)."""
     table = table.sort_by([("part", "ascending"), ("key", "ascending")])
+    parts = table["part"].to_numpy()
+    bounds = np.flatnonzero(np.r_[True, parts[1:] != parts[:-1], True]) if len(parts) else np.array([0, 0])
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, table.schema) as writer:
-        parts = table["part"].to_numpy()
-        bounds = np.flatnonzero(np.r_[True, parts[1:] != parts[:-1], True]) if len(parts) else [0]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in zip(bounds[:-1], bounds[1:]):  # an empty table: one empty row group
             writer.write_table(table.slice(lo, hi - lo))
-        if not len(parts):
-            writer.write_table(table)
 
 
 def exact_signatures(cands: pa.Table, parts: int) -> pa.Table:

@@ -50,10 +50,8 @@ def _raw_batches(path: Path) -> Iterator[pa.RecordBatch]:
         yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
     elif path.stat().st_size == 0:  # an empty CSV or JSONL file: no rows (pyarrow's readers refuse it)
         return
-    elif path.suffix == ".csv":
-        yield from pacsv.open_csv(path, read_options=_CSV_READ, convert_options=_CSV_CONVERT)
     else:
-        yield from pajson.open_json(path, read_options=_JSON_READ)
+        yield from _reader(path)
 
 
 def _schema(path: Path) -> pa.Schema:
@@ -61,11 +59,15 @@ def _schema(path: Path) -> pa.Schema:
         return pq.read_schema(path)
     if path.stat().st_size == 0:
         return pa.schema([])
-    opener = pacsv.open_csv if path.suffix == ".csv" else pajson.open_json
-    kwargs = {"convert_options": _CSV_CONVERT, "read_options": _CSV_READ} if path.suffix == ".csv" else {
-        "read_options": _JSON_READ}
-    with opener(path, **kwargs) as reader:
+    with _reader(path) as reader:
         return reader.schema
+
+
+def _reader(path: Path):
+    """The streaming reader of a non-empty CSV or JSONL file (its first block read: its schema is known)."""
+    if path.suffix == ".csv":
+        return pacsv.open_csv(path, read_options=_CSV_READ, convert_options=_CSV_CONVERT)
+    return pajson.open_json(path, read_options=_JSON_READ)
 
 
 def _carried_name(col: str) -> str:
