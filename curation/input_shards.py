@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.atomic import atomic_path, write_json
-from curation.inputs import url_batches, url_files
+from common.storage import is_remote
+from curation.inputs import file_size, url_batches, url_files
 from curation.manifest import make_key
 from curation.safety import UrlGuard, UrlPolicy, iri_to_uri
 
@@ -70,16 +71,20 @@ def _save(data: str | Path, shard_size: int, lists: list[UrlList]) -> None:
                fsync=True)
 
 
-def _files(urls: Path) -> list:
-    return [[p.name, p.stat().st_size] for p in url_files(urls)]
+def _files(urls: str | Path) -> list:
+    return [[p.name, file_size(p)] for p in url_files(urls)]
+
+
+def list_source(urls: str | Path) -> str:
+    """How the registry names a URL list: its absolute path, or its object-store URL."""
+    return str(urls).rstrip("/") if is_remote(urls) else str(Path(urls).resolve())
 
 
 def register(data: str | Path, urls: str | Path, shard_size: int, add: bool = False) -> list[UrlList]:
     """The lists of DATA with `urls` among them. A list already there is resumed (same keys); a new one needs
     `add` when DATA holds another, and starts at the next free shard. One-line errors for a changed list, a
     changed shard_size, or a list added before the previous one is cut through."""
-    urls = Path(urls)
-    source, files = str(urls.resolve()), _files(urls)
+    source, files = list_source(urls), _files(urls)
     size, lists = read_lists(data)
     if size is not None and size != shard_size:
         raise ValueError(f"{data} was cut into shards of {size} URLs; download.shard_size {shard_size} would change "
@@ -124,7 +129,7 @@ def write_shard(rows: pa.Table | str, first_key: int, path: str, policy: UrlPoli
     return path
 
 
-def _cut_batches(urls: Path, url_col: str, caption_col: str, shard_size: int):
+def _cut_batches(urls: str | Path, url_col: str, caption_col: str, shard_size: int):
     """Yields (index of the shard in the list, its rows as one table), holding at most a shard and a batch."""
     pending, n, index = [], 0, 0
     for batch in url_batches(urls, url_col, caption_col):
@@ -152,7 +157,7 @@ def cut(data: str | Path, urls: str | Path, entry: UrlList, policy: UrlPolicy, u
     task = ray.remote(num_cpus=1)(write_shard)
     limit = IN_FLIGHT_PER_CPU * max(1, int(ray.available_resources().get("CPU", 1)))
     refs, rows, shards = [], 0, 0
-    for index, table in _cut_batches(Path(urls), url_col, caption_col, size):
+    for index, table in _cut_batches(urls, url_col, caption_col, size):
         shard = entry.first_shard + index
         path = shard_path(data, shard_name(shard))
         rows, shards = rows + table.num_rows, shards + 1

@@ -21,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from common.storage import Remote, is_remote, list_files
 from curation.manifest import MANIFEST_COLUMNS, make_key
 
 FORMATS = (".parquet", ".csv", ".jsonl", ".json")  # .json is read as JSON lines
@@ -31,7 +32,16 @@ _JSON_READ = pajson.ReadOptions(block_size=16 * 2**20)
 RESERVED = ("lf_key", "uri")  # input shard columns of our own (curation/input_shards.py)
 
 
-def url_files(urls: Path) -> list[Path]:
+def url_files(urls: str | Path) -> list:
+    """The list's files, sorted by name: Paths, or `common.storage.Remote` files of an s3:// list (read in place)."""
+    if is_remote(urls):
+        files = list_files(str(urls), FORMATS)
+        if not files:
+            raise FileNotFoundError(f"no .parquet, .csv or .jsonl files in {urls}")
+        if len(files) == 1 and files[0].suffix not in FORMATS:
+            raise ValueError(f"URL list {urls}: unsupported format {files[0].suffix!r} (use .parquet, .csv or .jsonl)")
+        return files
+    urls = Path(urls)
     if urls.is_dir():
         files = sorted(p for p in urls.iterdir() if p.suffix in FORMATS)
         if not files:
@@ -44,30 +54,40 @@ def url_files(urls: Path) -> list[Path]:
     return [urls]
 
 
-def _raw_batches(path: Path) -> Iterator[pa.RecordBatch]:
+def file_size(path) -> int:
+    """Bytes of a list file (a Path or a `Remote`)."""
+    return path.size if isinstance(path, Remote) else path.stat().st_size
+
+
+def _open(path):
+    """What pyarrow's readers take: the local path, or a seekable file on the bucket."""
+    return path.open() if isinstance(path, Remote) else path
+
+
+def _raw_batches(path) -> Iterator[pa.RecordBatch]:
     """The file's record batches as its reader gives them."""
     if path.suffix == ".parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
-    elif path.stat().st_size == 0:  # an empty CSV or JSONL file: no rows (pyarrow's readers refuse it)
+        yield from pq.ParquetFile(_open(path)).iter_batches(batch_size=BATCH_ROWS)
+    elif file_size(path) == 0:  # an empty CSV or JSONL file: no rows (pyarrow's readers refuse it)
         return
     else:
         yield from _reader(path)
 
 
-def _schema(path: Path) -> pa.Schema:
+def _schema(path) -> pa.Schema:
     if path.suffix == ".parquet":
-        return pq.read_schema(path)
-    if path.stat().st_size == 0:
+        return pq.read_schema(_open(path))
+    if file_size(path) == 0:
         return pa.schema([])
     with _reader(path) as reader:
         return reader.schema
 
 
-def _reader(path: Path):
+def _reader(path):
     """The streaming reader of a non-empty CSV or JSONL file (its first block read: its schema is known)."""
     if path.suffix == ".csv":
-        return pacsv.open_csv(path, read_options=_CSV_READ, convert_options=_CSV_CONVERT)
-    return pajson.open_json(path, read_options=_JSON_READ)
+        return pacsv.open_csv(_open(path), read_options=_CSV_READ, convert_options=_CSV_CONVERT)
+    return pajson.open_json(_open(path), read_options=_JSON_READ)
 
 
 def _carried_name(col: str) -> str:
@@ -76,7 +96,7 @@ def _carried_name(col: str) -> str:
 
 
 @contextmanager
-def _read_errors(path: Path) -> Iterator[None]:
+def _read_errors(path) -> Iterator[None]:
     """pyarrow raises several types for a corrupt file; the first line of its message is the one-line error."""
     try:
         yield
@@ -86,7 +106,7 @@ def _read_errors(path: Path) -> Iterator[None]:
         raise ValueError(f"cannot read URL list {path}: {str(err).splitlines()[0]}") from None
 
 
-def list_schema(files: list[Path], url_col: str, caption_col: str) -> tuple[pa.Schema, list[str]]:
+def list_schema(files: list, url_col: str, caption_col: str) -> tuple[pa.Schema, list[str]]:
     """(the schema every batch is cast to: url, alt_text, carried columns; the carried names), from the files'
     own schemas (a Parquet footer, a CSV's first block), before any row is read."""
     schemas = []
@@ -127,7 +147,7 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, url_col: str, caption_col
 def url_batches(urls: str | Path, url_col: str = "url", caption_col: str = "caption") -> Iterator[pa.Table]:
     """The list's rows in file order (files sorted by name), batch by batch, in `list_schema`; raises a one-line
     ValueError for an unreadable file, a missing url column or a list with no rows (after reading it through)."""
-    files = url_files(Path(urls))
+    files = url_files(urls)
     schema, _ = list_schema(files, url_col, caption_col)
     rows = 0
     for path in files:
@@ -144,7 +164,7 @@ def read_url_list(urls: str | Path, url_col: str = "url", caption_col: str = "ca
     """The whole list in memory (small lists, tests and benchmarks): (rows with key, url, alt_text and the carried
     columns; the carried column names). `lensforge curate` streams it instead (`url_batches`)."""
     table = pa.concat_tables(url_batches(urls, url_col, caption_col))
-    _, carried = list_schema(url_files(Path(urls)), url_col, caption_col)
+    _, carried = list_schema(url_files(urls), url_col, caption_col)
     df = table.to_pandas()
     df.insert(0, "key", [make_key(i) for i in range(len(df))])
     df["alt_text"] = df["alt_text"].astype(object).where(df["alt_text"].notna(), None)

@@ -31,7 +31,7 @@ from curation.config import CurateConfig
 from curation.dedup_job import run_dedup
 from curation.download import download, download_stamp, ray_runtime_env, url_policy
 from curation.funnel import format_funnel, funnel_hint, write_funnel_json
-from curation.input_shards import cut, input_dir, list_shards, register
+from curation.input_shards import cut, input_dir, list_shards, list_source, register
 from curation.inputs import url_batches
 from curation.manifest import manifest_dir
 from curation.manifest_writer import write_manifest  # noqa: F401 — tests and fixtures write manifests with it
@@ -90,7 +90,7 @@ def curate(urls: str | Path, data: str | Path, cfg: CurateConfig, ray_address: s
     with timings("ray_init"):
         init_ray(ray_address, ray_runtime_env(cfg))
     with timings("input"):
-        entry = cut(data, urls, next(x for x in lists if x.source == str(Path(urls).resolve())), url_policy(cfg),
+        entry = cut(data, urls, next(x for x in lists if x.source == list_source(urls)), url_policy(cfg),
                     cfg.url_col, cfg.caption_col)
     lists = [entry if x.source == entry.source else x for x in lists]
     shards = list_shards(lists)

@@ -11,9 +11,12 @@ set LENSFORGE_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+
+from common.storage import is_remote, mirrored
 
 # Import order is the order in `lensforge --help`.
 COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate", "serve_captioner", "caption", "precompute", "train", "run",
@@ -21,6 +24,7 @@ COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate", "serve_captioner", "
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """(the parser; {command: (run, the names of its arguments that may be object-store URLs)})."""
     parser = argparse.ArgumentParser(prog="lensforge", description="From web image URLs to a Lens-style checkpoint.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -30,15 +34,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         # argparse %-formats help strings (not descriptions): a literal % ("95 % CIs") must be doubled there
         cmd = sub.add_parser(module.NAME, help=module.HELP.replace("%", "%%"), description=module.HELP)
         module.add_arguments(cmd)
-        runners[module.NAME] = module.run
+        runners[module.NAME] = module.run, getattr(module, "STORAGE_ARGS", ())
     return parser, runners
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, runners = build_parser()
     args = parser.parse_args(argv)
+    run, storage_args = runners[args.command]
     try:
-        return int(runners[args.command](args) or 0)
+        with contextlib.ExitStack() as stack:  # DATA / RUN as s3://...: the command works on a synced local copy
+            for name in storage_args:
+                if is_remote(getattr(args, name, None)):
+                    push = int(os.environ.get("RANK", 0)) == 0  # under torchrun rank 0 writes RUN, so it pushes
+                    setattr(args, name, stack.enter_context(mirrored(getattr(args, name), push=push)))
+            return int(run(args) or 0)
     except KeyboardInterrupt:
         print("lensforge: interrupted; rerun the same command to finish what is left", file=sys.stderr)
         return 130

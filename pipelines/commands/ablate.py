@@ -15,6 +15,7 @@ from pipelines.config import add_config_args, load_section
 
 NAME = "ablate"
 HELP = "ablation studies: caption-density (one model per caption variant, equal compute, adherence with 95 % CIs)"
+STORAGE_ARGS = ("data", "out")  # may be s3:// URLs: the command works on a synced local copy (common/storage.py)
 
 
 def _words(text: str) -> list[int]:

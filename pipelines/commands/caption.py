@@ -16,12 +16,13 @@ from pipelines.config import add_config_args, load_section, save_resolved
 
 NAME = "caption"
 HELP = "caption every kept image with an OpenAI-compatible VLM into DATA/captions (resumable, budgeted)"
+STORAGE_ARGS = ("data",)  # may be s3:// URLs: the command works on a synced local copy (common/storage.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from captioning.presets import list_presets
 
-    parser.add_argument("--data", required=True, metavar="DATA", help="data directory with a manifest (curate)")
+    parser.add_argument("--data", required=True, metavar="DATA", help="data directory with a manifest (curate); a path or s3://)")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
     parser.add_argument("--model", default=None, help="model name, e.g. gpt-4.1-mini")
     parser.add_argument("--variants", default=None, metavar="V,...",

@@ -8,11 +8,12 @@ from pipelines.config import add_config_args, load_section, save_resolved
 
 NAME = "curate"
 HELP = "download (img2dataset on Ray), filter and deduplicate a URL list into DATA/manifest"
+STORAGE_ARGS = ("out",)  # may be s3:// URLs: the command works on a synced local copy (common/storage.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--urls", required=True, help="Parquet/CSV/JSONL file or folder with a url column")
-    parser.add_argument("--out", required=True, metavar="DATA", help="data directory (created; resumable)")
+    parser.add_argument("--urls", required=True, help="Parquet/CSV/JSONL file or folder with a url column (a path or s3://)")
+    parser.add_argument("--out", required=True, metavar="DATA", help="data directory, a path or s3://bucket/prefix (created; resumable)")
     parser.add_argument("--add", action="store_true",
                         help="add URLS to a DATA that holds another list: deduplicated against what it kept")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of a local runtime")

@@ -9,10 +9,11 @@ from pipelines.config import add_config_args, load_section
 
 NAME = "precompute"
 HELP = "encode kept, captioned images into aspect-bucketed training shards (latents + text features) on Ray"
+STORAGE_ARGS = ("data",)  # may be s3:// URLs: the command works on a synced local copy (common/storage.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="DATA", help="data directory of curate + caption")
+    parser.add_argument("--data", required=True, metavar="DATA", help="data directory of curate + caption; a path or s3://)")
     parser.add_argument("--codec", default=None, help="pixel | pixel:F | flux2:PATH (default: the config's, pixel)")
     parser.add_argument("--text-encoder", default=None, metavar="NAME|PATH",
                         help="minilm | hf:PATH[@layers] | gpt-oss:PATH[@layers] (default: the config's, minilm)")

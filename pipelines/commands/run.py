@@ -12,6 +12,7 @@ from pipelines.run_config import STAGES
 
 NAME = "run"
 HELP = "run the whole pipeline from one YAML file (curate → caption → precompute → train → sample → report)"
+STORAGE_ARGS = ("out",)  # may be s3:// URLs: the command works on a synced local copy (common/storage.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

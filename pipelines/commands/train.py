@@ -19,6 +19,7 @@ from pipelines.config import add_config_args, load_section
 
 NAME = "train"
 HELP = "train the Lens MMDiT on precomputed shards (rectified flow; DDP or FSDP2 under torchrun; resumable)"
+STORAGE_ARGS = ("data", "out")  # may be s3:// URLs: the command works on a synced local copy (common/storage.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -49,13 +50,13 @@ def services(tmp_path_factory):
     server.server_close()
 
 
-def command(out: Path, services: list[str]) -> list[str]:
+def command(out: Path | str, services: list[str]) -> list[str]:
     sets = [arg for s in TINY + services if not s.startswith("scenes.") for arg in ("--set", s)]
     return [sys.executable, "-m", "pipelines.cli", "run", str(CONFIG), "--out", str(out), *sets]
 
 
-def run_to_end(out: Path, services: list[str]) -> str:
-    done = subprocess.run(command(out, services), cwd=REPO, capture_output=True, text=True, timeout=600)
+def run_to_end(out: Path | str, services: list[str], env: dict | None = None) -> str:
+    done = subprocess.run(command(out, services), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -110,10 +111,13 @@ PROGRESS = {
 }
 
 
-def run_and_kill_inside(out: Path, services: list[str], stage: str) -> str:
-    """Start the run; SIGKILL its process group once `stage` has started and shows progress. Returns stdout."""
+def run_and_kill_inside(out: Path | str, services: list[str], stage: str, env: dict | None = None,
+                        local: Path | None = None) -> str:
+    """Start the run; SIGKILL its process group once `stage` has started and shows progress in `local` (OUT, or
+    the working copy of an s3:// OUT). Returns stdout."""
+    local = local or out
     proc = subprocess.Popen(command(out, services), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env=env)
     lines: list[str] = []
     started = threading.Event()
 
@@ -128,7 +132,7 @@ def run_and_kill_inside(out: Path, services: list[str], stage: str) -> str:
     deadline = time.time() + 300
     while not started.is_set() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    while started.is_set() and not PROGRESS[stage](out / "data", out / "run") and proc.poll() is None:
+    while started.is_set() and not PROGRESS[stage](local / "data", local / "run") and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -202,3 +206,36 @@ def test_torchrun_gets_only_train_overrides_and_what_the_run_filled(tmp_path):
     assert train.buckets.base_sides == [32] and train.encoders["captions"]["dense"]["model"] == "cap-a"
     assert train == plan.cfgs["train"]
     assert yaml.safe_load(overrides[-1].partition("=")[2])["base_sides"] == [32]
+
+
+@pytest.mark.slow
+def test_a_run_on_object_storage_killed_on_one_machine_finishes_on_another_with_the_same_outputs(
+        reference, services, tmp_path, bucket):
+    """`--out s3://...` and an s3:// URL list (moto's server on loopback): killed inside precompute on machine A
+    (its own working copy), the same command on machine B (a fresh copy) resumes from the bucket."""
+    from common.storage import Mirror, cache_dir
+
+    ref, _ = reference
+    urls = next(s for s in services if s.startswith("run.urls=")).partition("=")[2]
+    fs, path = pafs.FileSystem.from_uri(f"{bucket}/lists/urls.parquet")
+    with fs.open_output_stream(path) as out:
+        out.write(Path(urls).read_bytes())
+    remote = [f"run.urls={bucket}/lists/urls.parquet", *(s for s in services if not s.startswith("run.urls="))]
+    base = {**os.environ, "LENSFORGE_SYNC_S": "0.5"}
+
+    machine_a = {**base, "LENSFORGE_CACHE": str(tmp_path / "machine-a")}
+    copy = tmp_path / "machine-a" / cache_dir(f"{bucket}/run").name
+    run_and_kill_inside(f"{bucket}/run", remote, "precompute", env=machine_a, local=copy)
+    machine_b = {**base, "LENSFORGE_CACHE": str(tmp_path / "machine-b")}
+    stdout = run_to_end(f"{bucket}/run", remote, env=machine_b)
+    assert "run: curate: up to date" in stdout and "run: caption: up to date" in stdout, stdout[-3000:]
+
+    out = tmp_path / "pulled"
+    Mirror(f"{bucket}/run", out).pull()  # what the bucket holds, on a third machine
+    assert manifest_rows(out / "data") == manifest_rows(ref / "data")
+    assert latest_captions(out / "data") == latest_captions(ref / "data")
+    ours = load_file(next((out / "run" / "checkpoints").glob("step_00000012/ema.safetensors")))
+    theirs = load_file(next((ref / "run" / "checkpoints").glob("step_00000012/ema.safetensors")))
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-3, atol=1e-4)
+    assert (out / "data" / "report.html").exists()
