@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from common.data_lock import LOCK_FILE
 SCHEMES = ("s3://",)  # what the tests cover; pyarrow also has gs:// and hdfs://
 STATE = ".lensforge-sync.json"
 TEMPORARY = (".tmp", ".new", ".old", ".pull")  # common/atomic.py's and the writers' own temporary names
+CHUNK = 8 << 20  # bytes per read when copying to or from the bucket
 SYNC_S = float(os.environ.get("LENSFORGE_SYNC_S", 30))
 
 
@@ -91,15 +93,13 @@ def list_files(url: str, suffixes: tuple[str, ...]) -> list[Remote]:
     fs, path = filesystem(url)
     try:
         info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return [Remote(fs, path, info.size)]
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"URL list not found: {url}")
-        found = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        found = [info] if info.type != pafs.FileType.Directory else fs.get_file_info(pafs.FileSelector(path))
     except OSError as err:
-        if isinstance(err, FileNotFoundError):
-            raise
         raise ValueError(f"cannot list {url}: {str(err).splitlines()[0]}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"URL list not found: {url}")
+    if info.type == pafs.FileType.File:
+        return [Remote(fs, path, info.size)]
     return sorted((Remote(fs, f.path, f.size) for f in found if f.type == pafs.FileType.File
                    and os.path.splitext(f.path)[1] in suffixes), key=lambda r: r.name)
 
@@ -201,8 +201,7 @@ class Mirror:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.pull")
         with self.fs.open_input_stream(f"{self.prefix}/{rel}") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
+            shutil.copyfileobj(src, dst, CHUNK)
         os.replace(tmp, target)
         st = target.stat()
         return _stamp(st.st_size, st.st_mtime_ns)
@@ -218,8 +217,7 @@ class Mirror:
             for rel in sorted(changed, key=lambda r: (local[r][1], r)):  # oldest first: parts before markers
                 try:
                     with open(self.local / rel, "rb") as src, self.fs.open_output_stream(f"{self.prefix}/{rel}") as dst:
-                        while chunk := src.read(8 << 20):
-                            dst.write(chunk)
+                        shutil.copyfileobj(src, dst, CHUNK)
                 except FileNotFoundError:  # removed by the stage since the walk: the next push deletes it
                     continue
                 info = self.fs.get_file_info(f"{self.prefix}/{rel}")

@@ -35,23 +35,17 @@ RESERVED = ("lf_key", "uri")  # input shard columns of our own (curation/input_s
 def url_files(urls: str | Path) -> list:
     """The list's files, sorted by name: Paths, or `common.storage.Remote` files of an s3:// list (read in place)."""
     if is_remote(urls):
-        files = list_files(str(urls), FORMATS)
-        if not files:
-            raise FileNotFoundError(f"no .parquet, .csv or .jsonl files in {urls}")
-        if len(files) == 1 and files[0].suffix not in FORMATS:
-            raise ValueError(f"URL list {urls}: unsupported format {files[0].suffix!r} (use .parquet, .csv or .jsonl)")
-        return files
-    urls = Path(urls)
-    if urls.is_dir():
-        files = sorted(p for p in urls.iterdir() if p.suffix in FORMATS)
-        if not files:
-            raise FileNotFoundError(f"no .parquet, .csv or .jsonl files in {urls}")
-        return files
-    if not urls.exists():
-        raise FileNotFoundError(f"URL list not found: {urls}")
-    if urls.suffix not in FORMATS:
-        raise ValueError(f"URL list {urls}: unsupported format {urls.suffix!r} (use .parquet, .csv or .jsonl)")
-    return [urls]
+        files = list_files(str(urls), FORMATS)  # the file itself, or the folder's list files; none there: raises
+    else:
+        urls = Path(urls)
+        if not urls.exists():
+            raise FileNotFoundError(f"URL list not found: {urls}")
+        files = sorted(p for p in urls.iterdir() if p.suffix in FORMATS) if urls.is_dir() else [urls]
+    if not files:
+        raise FileNotFoundError(f"no .parquet, .csv or .jsonl files in {urls}")
+    if len(files) == 1 and files[0].suffix not in FORMATS:  # a single file named directly
+        raise ValueError(f"URL list {urls}: unsupported format {files[0].suffix!r} (use .parquet, .csv or .jsonl)")
+    return files
 
 
 def file_size(path) -> int:

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     run, storage_args = runners[args.command]
     try:
         with contextlib.ExitStack() as stack:  # DATA / RUN as s3://...: the command works on a synced local copy
+            push = int(os.environ.get("RANK", 0)) == 0  # under torchrun rank 0 writes RUN, so it pushes
             for name in storage_args:
                 if is_remote(getattr(args, name, None)):
-                    push = int(os.environ.get("RANK", 0)) == 0  # under torchrun rank 0 writes RUN, so it pushes
                     setattr(args, name, stack.enter_context(mirrored(getattr(args, name), push=push)))
             return int(run(args) or 0)
     except KeyboardInterrupt:

@@ -47,7 +47,7 @@ def _toward(x0_gen: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def _normaliser(x0_gen: torch.Tensor, p_real: torch.Tensor) -> torch.Tensor:
     """DMD's per-sample weight: the mean |x0_gen − the teacher's x̂0|, so every sample moves at a similar rate."""
-    return _per_sample((x0_gen.detach() - p_real).abs()).clamp_min(EPS).view(-1, *([1] * (x0_gen.dim() - 1)))
+    return _bcast(_per_sample((x0_gen.detach() - p_real).abs()).clamp_min(EPS), x0_gen)
 
 
 def dmd_loss(x0_gen: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_fake: torch.Tensor,
