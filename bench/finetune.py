@@ -97,7 +97,7 @@ def write_data(data: Path, images: int, background: str | None, seed: int) -> Pa
 # --- 2. training ----------------------------------------------------------------------------------------------
 
 
-def lensforge(args: list[str], log: Path) -> None:
+def lensforge(args: list[str], log: Path, tag: str = "finetune") -> None:
     """One `lensforge` subcommand in its own process, its output in `log` (the end of it in the error)."""
     cmd = [sys.executable, "-m", "pipelines.cli", *args]
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def lensforge(args: list[str], log: Path) -> None:
     if code:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise RuntimeError(f"`{shlex.join(cmd)}` exited {code}; the end of {log}:\n{tail}")
-    print(f"finetune: lensforge {args[0]} {Path(args[args.index('--out') + 1]).name} in "
+    print(f"{tag}: lensforge {args[0]} {Path(args[args.index('--out') + 1]).name} in "
           f"{time.perf_counter() - began:.0f} s (log {log})")
 
 

@@ -1,6 +1,7 @@
 """GPU figures of the released Lens architecture at full size, random weights, one process (bench/gpu.sh runs it).
 
     .venv/bin/python -m bench.gpu                          # on a CUDA machine: lens-3.8b, FLUX.2 VAE, GPT-OSS-20B
+    .venv/bin/python -m bench.gpu --steps 4 --cfg 1               # a distilled student (Lens-Turbo's way)
     .venv/bin/python -m bench.gpu --train lora             # a LoRA training step (--train full: a full one)
     .venv/bin/python -m bench.gpu --arithmetic             # memory per GPU for fine-tuning, by arithmetic
     .venv/bin/python -m bench.gpu --small --device cpu     # the same code on tiny sizes (what the test runs)
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.report, al
 from bench.report import emit, row  # noqa: E402
 
 LENS_H100_SECONDS = 3.15  # Lens paper: 1024², 20 steps with CFG, per image on an H100
+TURBO_H100_SECONDS = 0.84  # Lens paper: Lens-Turbo, 1024², 4 steps without CFG, per image on an H100
 GPT_OSS_20B = dict(num_hidden_layers=24, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
                    num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
                    vocab_size=201088, sliding_window=128)
@@ -234,7 +236,7 @@ def measure_training(mode: str, cfg, model_cfg, device, batch: int, size: int, r
 
     model = build_trainable(mode, cfg, model_cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = build_optimizer(model, cfg, device)
+    optim = build_optimizer(model, cfg.optim, device)
     ema = EMA(model, cfg.ema.decay, cfg.ema.device, cfg.ema.every)
     flow = RectifiedFlow(prediction=model_cfg.prediction)
     side = size // 8  # FLUX.2 VAE latents: 1/8 of the image side
@@ -319,7 +321,7 @@ def inference_rows(args, device, name: str) -> list[dict]:
     prompt = ["a dense caption"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    pipe.generate(prompt, args.size, args.size, steps=args.steps, cfg=4.0, seeds=[0])  # warm-up and peak memory
+    pipe.generate(prompt, args.size, args.size, steps=args.steps, cfg=args.cfg, seeds=[0])  # warm-up, peak memory
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     encode, sample = [], []
     for i in range(args.repeats):
@@ -330,19 +332,29 @@ def inference_rows(args, device, name: str) -> list[dict]:
         encode.append(time.perf_counter() - start)
         start = time.perf_counter()
         with pipe.visit(pipe.model):
-            z = pipe.latents(prompt, args.size, args.size, args.steps, 4.0, [i], texts=texts[:1], neg=texts[1])
+            z = pipe.latents(prompt, args.size, args.size, args.steps, args.cfg, [i], texts=texts[:1],
+                             neg=texts[1])
         with pipe.visit(codec.vae):
             codec.decode(z)
         sync(device)
         sample.append(time.perf_counter() - start)
-    result = {"device": name, "size": args.size, "steps": args.steps, "offload": args.offload,
+    result = {"device": name, "size": args.size, "steps": args.steps, "cfg": args.cfg, "offload": args.offload,
               "sample_and_decode_s": statistics.median(sample), "encode_s": statistics.median(encode),
               "peak_gib": round(peak, 2), "repeats": args.repeats}
     print(json.dumps(result))
     mode = "with --offload" if args.offload else "all resident"
     rows = [row("gpu", f"peak GPU memory, 1 image at {args.size}², {mode}", peak, "GiB", goal_of="value",
                 note=name)]
-    if not args.offload:
+    turbo = args.cfg == 1.0  # a distilled student's few steps without guidance, beside Lens-Turbo's figure
+    if args.offload:
+        return rows
+    if turbo:
+        rows[0]["figure"] += f", {args.steps} steps without CFG"
+        rows.append(row("gpu", f"{args.size}², {args.steps} steps, no CFG (a distilled student), bf16: sampling + "
+                        "VAE decode per image", result["sample_and_decode_s"], "s", peer=TURBO_H100_SECONDS,
+                        peer_name="Lens-Turbo on an H100 (paper)", goal="<= 0.84", goal_of="value",
+                        note=f"{name}; GPT-OSS-20B encode {result['encode_s']:.2f} s apart"))
+    else:
         rows.append(row("gpu", f"{args.size}², {args.steps} steps, CFG, bf16: sampling + VAE decode per image",
                         result["sample_and_decode_s"], "s", peer=LENS_H100_SECONDS, peer_name="Lens on an H100 "
                         "(paper)", goal="<= 2.5", goal_of="value", note=f"{name}; GPT-OSS-20B encode "
@@ -355,6 +367,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=4.0, help="guidance scale; 1 = none (a distilled student)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--offload", action="store_true", help="measure the --offload mode (one mode a process)")
     parser.add_argument("--small", action="store_true", help="tiny sizes, for checking the script on a CPU")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from common.atomic import atomic_path
@@ -51,6 +51,25 @@ def step_of(path: str | Path) -> int:
     return int(match.group(1))
 
 
+class SamplingDefaults(BaseModel):
+    """How a model is meant to be sampled, when not as a base model is: a distilled student's few steps without
+    guidance (`lensforge distill`). `generate` and `evaluate` take them when --steps / --cfg are not given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(ge=1)
+    cfg: float = Field(ge=0, allow_inf_nan=False)
+
+
+def sampling_settings(spec: "CheckpointSpec", steps: int | None, cfg: float | None, default_steps: int,
+                      default_cfg: float) -> tuple[int, float]:
+    """(steps, guidance) to sample with: the ones asked for, else the model's own (a distilled student's), else
+    the command's defaults."""
+    own = spec.sampling
+    return (steps if steps is not None else own.steps if own else default_steps,
+            cfg if cfg is not None else own.cfg if own else default_cfg)
+
+
 class CheckpointSpec(BaseModel):
     """What it takes to sample from a set of weights besides the weights."""
 
@@ -61,6 +80,7 @@ class CheckpointSpec(BaseModel):
     text_encoder: str | None = "minilm"  # `inference.text.load_text_encoder` spec; None: unknown
     text_layers: tuple[int, ...] | None = None  # the encoder's layers, when the spec string does not say them
     text_date: str | None = None  # the chat template's date line the features were made with (GPT-OSS)
+    sampling: SamplingDefaults | None = None  # None: a base model (generate's own defaults)
 
 
 def write_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

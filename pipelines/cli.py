@@ -19,8 +19,8 @@ import sys
 from common.storage import is_remote, mirrored
 
 # Import order is the order in `lensforge --help`.
-COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate", "serve_captioner", "caption", "precompute", "train", "run",
-                   "models", "generate", "export", "evaluate", "ablate", "doctor"]
+COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate", "serve_captioner", "caption", "precompute", "train",
+                   "distill", "run", "models", "generate", "export", "evaluate", "ablate", "doctor"]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

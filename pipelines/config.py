@@ -22,6 +22,7 @@ from common.atomic import write_text
 from curation.config import CurateConfig
 from pipelines.run_config import RunConfig
 from scenes.config import ScenesConfig
+from training.distill_config import DistillConfig
 from training.precompute_config import PrecomputeConfig
 from training.train_config import TrainConfig
 
@@ -32,6 +33,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "caption": CaptionConfig,
     "precompute": PrecomputeConfig,
     "train": TrainConfig,
+    "distill": DistillConfig,
     "run": RunConfig,
 }
 

@@ -8,14 +8,13 @@ Shapes: images (B, C, H, W), t (B,); every loss returns (B,) per sample, the cal
 
     x_t = noised(x0_gen, t, eps)
     dm, ca = decoupled_dmd(x0_gen, x_t, t, v_fake, v_cond, v_uncond, guidance=5.0)  # DMD2 + decoupled CFG term
-    fake = fake_score_loss(v_fake_on_detached, x0_gen.detach(), eps)                 # the fake score tracks G
-    d = discriminator_loss(d_real, d_fake) + approx_r1(disc, x_real, alpha=0.1, gamma=1.0)
+    fake = flow.loss(fake_score, x0_gen.detach(), text, mask, t=t, noise=eps)      # the fake score tracks G
+    d_real, d_fake, d_near = disc(torch.cat([x_real, x_fake, perturbed(x_real, alpha=0.1)])).chunk(3)
+    d = discriminator_loss(d_real, d_fake) + approx_r1(d_real, d_near, gamma=1.0)
     g = generator_gan_loss(d_fake)
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,12 +76,6 @@ def decoupled_dmd(x0_gen: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_fa
     return _toward(x0_gen, dm_grad), _toward(x0_gen, ca_grad)
 
 
-def fake_score_loss(v_fake: torch.Tensor, x0_gen: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The fake score's flow-matching loss on the student's (detached) samples: it learns the student's
-    distribution, as the teacher learned the data's. v_fake is its prediction at noised(x0_gen, t, eps)."""
-    return _per_sample((v_fake - (eps - x0_gen.detach())) ** 2)
-
-
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating GAN loss of the discriminator, per sample: softplus(−D(real)) + softplus(D(fake))."""
     return _per_sample(F.softplus(-real_logits)) + _per_sample(F.softplus(fake_logits))
@@ -93,10 +86,14 @@ def generator_gan_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return _per_sample(F.softplus(-fake_logits))
 
 
-def approx_r1(disc: Callable[[torch.Tensor], torch.Tensor], x_real: torch.Tensor, alpha: float, gamma: float,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def perturbed(x_real: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + α·ε: the neighbour of a real input that the approximate R1 compares it with."""
+    noise = torch.randn(x_real.shape, generator=generator, device=x_real.device, dtype=x_real.dtype)
+    return x_real + alpha * noise
+
+
+def approx_r1(real_logits: torch.Tensor, perturbed_logits: torch.Tensor, gamma: float) -> torch.Tensor:
     """Approximate R1, per sample: γ·‖D(x) − D(x + α·ε)‖², a finite difference that penalises the
     discriminator's slope at real data without the exact R1's double backward (FSDP and fused attention lack
-    it)."""
-    noise = torch.randn(x_real.shape, generator=generator, device=x_real.device, dtype=x_real.dtype)
-    return gamma * _per_sample((disc(x_real) - disc(x_real + alpha * noise)) ** 2)
+    it). The caller evaluates D on both in one batch."""
+    return gamma * _per_sample((real_logits - perturbed_logits) ** 2)

@@ -26,6 +26,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -104,9 +105,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def save(run: str | Path, step: int, model: nn.Module, optim: torch.optim.Optimizer, ema: EMA,
          spec: CheckpointSpec, rank_state: dict, extra: dict, d: Dist, keep: int,
-         lora_info: LoraInfo | None = None) -> Path | None:
+         lora_info: LoraInfo | None = None, more: Callable[[Path], None] | None = None) -> Path | None:
     """Every rank calls it (collectives under FSDP and for DCP). Returns the directory on rank 0. With
-    `lora_info` only the adapters (and their EMA) are written, not the frozen base."""
+    `lora_info` only the adapters (and their EMA) are written, not the frozen base. `more(tmp)`: every rank writes
+    further state into the temporary directory before it is renamed (a distill run's fake score)."""
     final = step_dir(run, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if d.main:
@@ -118,10 +120,9 @@ def save(run: str | Path, step: int, model: nn.Module, optim: torch.optim.Optimi
     else:
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     ema_state = ema.full_state()
-    with warnings.catch_warnings():  # DCP warns that a single process saves alone: it is meant to
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optim)}, checkpoint_id=str(tmp / OPTIM_DIR),
-                 no_dist=not d.enabled)
+    save_optimizer(tmp / OPTIM_DIR, model, optim, d)
+    if more is not None:
+        more(tmp)
     ranks = gather_objects(rank_state, d)
     if d.main:
         if set(ema_state) != set(weights):
@@ -146,6 +147,14 @@ def save(run: str | Path, step: int, model: nn.Module, optim: torch.optim.Optimi
             shutil.rmtree(old, ignore_errors=True)
     d.barrier()
     return final if d.main else None
+
+
+def save_optimizer(where: Path, model: nn.Module, optim: torch.optim.Optimizer, d: Dist) -> None:
+    """The optimizer state through DCP (every rank calls it; one file per rank, sharded under FSDP)."""
+    with warnings.catch_warnings():  # DCP warns that a single process saves alone: it is meant to
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optim)}, checkpoint_id=str(where),
+                 no_dist=not d.enabled)
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -182,15 +191,15 @@ def load_adapters(ckpt: Path, info: LoraInfo) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def load_optimizer(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer) -> None:
-    """The optimizer state from DCP, resharded to this run's layout (every rank calls it).
+def load_optimizer(ckpt: Path, model: nn.Module, optim: torch.optim.Optimizer, where: str = OPTIM_DIR) -> None:
+    """The optimizer state from DCP (`ckpt/where`), resharded to this run's layout (every rank calls it).
 
     Parameters that never had a gradient (the last block's text stream) have no AdamW state in the file; the
     template drops them too, so they stay stateless exactly as in the run that wrote it."""
     template = get_optimizer_state_dict(model, optim)  # allocates state for every parameter (a zero-lr step)
-    saved = dcp.FileSystemReader(str(ckpt / OPTIM_DIR)).read_metadata().state_dict_metadata
+    saved = dcp.FileSystemReader(str(ckpt / where)).read_metadata().state_dict_metadata
     template["state"] = {name: s for name, s in template["state"].items()
                          if any(k.startswith(f"optimizer.state.{name}.") for k in saved)}
     state = {"optimizer": template}
-    dcp.load(state, checkpoint_id=str(ckpt / OPTIM_DIR), no_dist=not (dist.is_available() and dist.is_initialized()))
+    dcp.load(state, checkpoint_id=str(ckpt / where), no_dist=not (dist.is_available() and dist.is_initialized()))
     set_optimizer_state_dict(model, optim, state["optimizer"], options=StateDictOptions(strict=False))

@@ -35,7 +35,7 @@ from training.loader import Loader, holdout_batches, inline, open_shard_set, pre
 from training.metrics import MetricsLog, SampleGrid, memory_gb, train_flops, validation_loss
 from training.model_init import build_model
 from training.parallel import Dist, all_reduce, autocast, init_distributed
-from training.train_config import TrainConfig
+from training.train_config import OptimConfig, TrainConfig
 
 
 class TrainingStopped(RuntimeError):
@@ -48,14 +48,13 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.optim.lr * min(1.0, step / warmup) if warmup else cfg.optim.lr
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms, biases or embeddings' biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                             fused=device.type == "cuda")
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=device.type == "cuda")
 
 
 def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
@@ -118,7 +117,7 @@ class Trainer:
             self.lora_info = LoraInfo(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                                       targets=list(cfg.lora.targets), base=str(cfg.init_from),
                                       base_fingerprint=source_fingerprint(self.init))
-        source = self._find_checkpoint(resume)
+        self.source = source = self._find_checkpoint(resume)  # the checkpoint resumed from, or None
         state = ckpt.load_trainer_state(source) if source else {}
         weights, adapters = self.init, None
         if source and cfg.lora is not None:
@@ -128,7 +127,7 @@ class Trainer:
         self.model = build_model(cfg, self.model_cfg, weights, adapters, self.d, self.bf16)
         self.fsdp = cfg.parallel.strategy == "fsdp" and self.d.enabled and self.d.world > 1
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optim = build_optimizer(self.model, cfg, device)
+        self.optim = build_optimizer(self.model, cfg.optim, device)
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.device, cfg.ema.every)  # trainable weights: from the start
         if source:
             ckpt.load_ema(source, self.ema, lora=cfg.lora is not None)
@@ -217,10 +216,17 @@ class Trainer:
         norm = grad_norm_and_clip(self.params, self.cfg.optim.grad_clip)
         image_tokens = x0.shape[-2] * x0.shape[-1] // self.model_cfg.patch**2
         flops = train_flops(self.model_cfg, x0.shape[0], image_tokens, text.shape[1], frozen=self.cfg.lora is not None)
-        names = ["loss", "bad", "grad_norm", "samples", "tokens", "flops"]  # summed over ranks
-        local = [float(loss.detach()), float(not torch.isfinite(loss.detach())), float(norm), x0.shape[0],
-                 x0.shape[0] * image_tokens, flops]
-        total = dict(zip(names, all_reduce(local, self.d, device)))
+        return self.apply_update(loss, norm, x0.shape[0], x0.shape[0] * image_tokens, step, lr, batch.bucket,
+                                 {"flops": flops})
+
+    def apply_update(self, loss: torch.Tensor, norm: torch.Tensor, samples: int, tokens: int, step: int, lr: float,
+                     bucket: str, extra: dict[str, float]) -> dict:
+        """Sum the step's figures over ranks; unless anything is non-finite on any rank, step AdamW and the EMA.
+        `extra`: further figures, returned averaged over ranks (the FLOPs, distill's loss terms)."""
+        names = ["loss", "bad", "grad_norm", "samples", "tokens", *extra]
+        local = [float(loss.detach()), float(not torch.isfinite(loss.detach())), float(norm), samples, tokens,
+                 *extra.values()]
+        total = dict(zip(names, all_reduce(local, self.d, self.device)))
         world = self.d.world
         finite = total["bad"] == 0 and math.isfinite(total["grad_norm"])
         if finite:
@@ -228,8 +234,8 @@ class Trainer:
             self.ema.update(step)
         self.optim.zero_grad(set_to_none=True)
         return {"loss": total["loss"] / world, "grad_norm": total["grad_norm"] / world, "lr": lr,
-                "finite": bool(finite), "samples": total["samples"], "tokens": total["tokens"],
-                "flops": total["flops"] / world, "bucket": batch.bucket}
+                "finite": bool(finite), "samples": total["samples"], "tokens": total["tokens"], "bucket": bucket,
+                **{name: total[name] / world for name in extra}}
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -247,7 +253,7 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 tick = time.perf_counter()
-                batch = next(batches)
+                batch = self.next_batch(batches)
                 waited = time.perf_counter() - tick
                 step = self.step + 1
                 out = self.train_step(batch, step)
@@ -275,6 +281,10 @@ class Trainer:
             self.log.close()
         return {"step": self.step, "checkpoint": str(last_ckpt) if last_ckpt else None}
 
+    def next_batch(self, batches):
+        """What one step consumes: one batch (a distill step takes several, training/distill.py)."""
+        return next(batches)
+
     def _stop(self, bad: list[int], last: Path | None) -> None:
         where = f"the last good checkpoint, {last}, is intact" if last else "no checkpoint was written yet"
         message = (f"training stopped: {len(bad)} non-finite losses or gradients in a row "
@@ -286,9 +296,12 @@ class Trainer:
         rank_state = {"rank": self.d.rank, "data": self.position, "rng": ckpt.rng_state(self.device)}
         extra = {"config": self.cfg.model_dump(mode="json"), "shard_set": str(self.shards.root)}
         path = ckpt.save(self.run, self.step, self.model, self.optim, self.ema, self.spec, rank_state, extra,
-                         self.d, self.cfg.keep_checkpoints, self.lora_info)
+                         self.d, self.cfg.keep_checkpoints, self.lora_info, more=self.save_more)
         self.log.write("checkpoint", self.step, path=str(path))
         return path
+
+    def save_more(self, step_dir: Path) -> None:
+        """Further state a subclass checkpoints (every rank calls it, inside the step's temporary directory)."""
 
     def validate(self) -> None:
         context = autocast(self.device, self.bf16, self.fsdp)
@@ -329,6 +342,7 @@ class Window:
         self.steps = self.finite = 0
         self.loss = self.norm = self.samples = self.tokens = self.flops = self.wait = self.time = 0.0
         self.lr = 0.0
+        self.terms: dict[str, float] = {}  # a step's further named losses (distill's), summed over finite steps
 
     def add(self, out: dict, waited: float, took: float) -> None:
         self.steps += 1
@@ -338,6 +352,8 @@ class Window:
         if out["finite"]:
             self.finite += 1
             self.loss, self.norm = self.loss + out["loss"], self.norm + out["grad_norm"]
+            for name, value in out.get("terms", {}).items():
+                self.terms[name] = self.terms.get(name, 0.0) + value
 
     def samples_per_s(self) -> float:
         return self.samples / self.time if self.time else 0.0
@@ -350,7 +366,8 @@ class Window:
                 "lr": self.lr, "samples_per_s": round(self.samples / t, 3), "tokens_per_s": round(self.tokens / t, 1),
                 "data_wait": round(self.wait / t, 4), "step_s": round(t / self.steps, 4),
                 "tflops": round(tflops, 4), "mfu": round(tflops / peak, 4) if peak else None,
-                "skipped": self.steps - self.finite}
+                "skipped": self.steps - self.finite,
+                **{name: value / n for name, value in self.terms.items()}}
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = False) -> dict:

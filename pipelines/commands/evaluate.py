@@ -1,5 +1,5 @@
 """`lensforge evaluate (--run RUN | --checkpoint DIR) --out DIR [--per-category 32] [--style dense] [--size 32]
-[--steps 25] [--cfg 4.0] [--seed 0]`
+[--steps 25] [--cfg 4.0] [--seed 0]` (a distilled student's checkpoint gives its own default steps and CFG)
 
 GenEval-like prompt adherence on the synthetic scenes (`scenes.adherence`): samples one image per held-out prompt,
 parses it back and scores six categories with bootstrap 95 % intervals and the shuffled-prompt chance level.
@@ -16,6 +16,7 @@ from pathlib import Path
 
 NAME = "evaluate"
 HELP = "prompt adherence of a checkpoint on the synthetic scenes (GenEval-like categories, CIs, chance level)"
+DEFAULT_STEPS, DEFAULT_CFG = 25, 4.0  # unless the checkpoint says its own (a distilled student: 4 steps, CFG 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--style", default="dense", choices=STYLES, help="caption style of the prompts: the one "
                         "the model was trained on")
     parser.add_argument("--size", type=int, default=32, help="side of the square samples, pixels")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: the checkpoint's own, "
+                        f"e.g. a distilled student's 4; else {DEFAULT_STEPS})")
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: "
+                        f"the checkpoint's own, e.g. 1 for a distilled student; else {DEFAULT_CFG})")
     parser.add_argument("--seed", type=int, default=0, help="noise seed of the first sample (item k: seed + k); "
                         "the prompt set itself is fixed")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -40,16 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     for name in ("per_category", "steps", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1")
-    if args.cfg < 0:
+    if args.cfg is not None and args.cfg < 0:
         raise ValueError("--cfg must be ≥ 0")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from inference.checkpoint import describe_denoiser, latest_step_dir
+    from inference.checkpoint import describe_denoiser, latest_step_dir, sampling_settings
     from inference.generate import Pipeline, make_grid, validate_size
     from scenes.adherence import CATEGORIES, evaluate, prompt_set
 
@@ -57,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     size, _ = validate_size(args.size, args.size)
     # a run's latest step or a checkpoint, full or LoRA (its base with the adapter merged), in fp32
     source = describe_denoiser(latest_step_dir(args.run) if args.run else args.checkpoint, prefer_ema=not args.no_ema)
+    args.steps, args.cfg = sampling_settings(source.spec, args.steps, args.cfg, DEFAULT_STEPS, DEFAULT_CFG)
     weights = source.adapters[0][0] if source.adapters else source.files[0]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     autocast = torch.bfloat16 if device.startswith("cuda") else None

@@ -24,6 +24,7 @@ from common.atomic import write_json
 NAME = "generate"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 HELP = "sample images from a checkpoint (a run's latest step, EMA preferred, or one step directory)"
+DEFAULT_STEPS, DEFAULT_CFG = 20, 5.0  # unless the checkpoint says its own (a distilled student: 4 steps, CFG 1)
 # The CPU's rate for the slow-sampling warning: the developers' 2-core VM ran BENCHMARKS.md's `small` train step
 # (6 · 43.4 M parameters · 288 tokens · batch 4 FLOPs) in 1.19 s, about 250 GFLOP/s.
 CPU_FLOPS = 250e9
@@ -44,8 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", metavar="PATH", help="a step directory or .safetensors file, a Lens release "
                         "root or its transformer/ folder, a single-file DiT")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: the checkpoint's own, "
+                        f"e.g. a distilled student's 4; else {DEFAULT_STEPS})")
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: "
+                        f"the checkpoint's own, e.g. 1 for a distilled student; else {DEFAULT_CFG})")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16, up to 2080x1040 (default: the model's base)")
     size.add_argument("--aspect", help="1:2, 9:16, 2:3, 3:4, 1:1, 4:3, 3:2, 16:9 or 2:1 (Lens's tables at base "
@@ -128,9 +131,10 @@ def rewrite_prompts(prompts: list[str], base_url: str | None, model: str) -> lis
 
 def check_args(args: argparse.Namespace) -> None:
     for name, low in ("steps", 1), ("n", 1), ("batch_size", 1):
-        if getattr(args, name) < low:
+        if getattr(args, name) is not None and getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ {low}")
-    if not math.isfinite(args.cfg) or args.cfg < 0:  # nan or inf: every latent NaN, a black image
+    # nan or inf: every latent NaN, a black image
+    if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 0):
         raise ValueError(f"--cfg {args.cfg}: must be a finite number ≥ 0 (1 = no guidance)")
 
 
@@ -162,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from common.progress import progress_bar
-    from inference.checkpoint import describe_denoiser, latest_step_dir, stored_dtype
+    from inference.checkpoint import describe_denoiser, latest_step_dir, sampling_settings, stored_dtype
     from inference.generate import Pipeline, make_grid, parse_size, size_for_aspect, validate_size
 
     check_args(args)
@@ -170,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     loras = parse_loras(args.lora)
     where = latest_step_dir(args.run) if args.run else args.checkpoint  # --run: its latest step, or an error
     source = describe_denoiser(where, prefer_ema=not args.no_ema).with_adapters(loras)
+    args.steps, args.cfg = sampling_settings(source.spec, args.steps, args.cfg, DEFAULT_STEPS, DEFAULT_CFG)
     base = args.base_size or source.spec.model.base_size
     if args.size:
         width, height = parse_size(args.size)

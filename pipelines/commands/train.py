@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 from pipelines.config import add_config_args, load_section
 
@@ -43,23 +44,32 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_section("train", args.config, args.overrides, reads=("train",), preset=args.preset,
                        max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                        init_from=args.init_from)
-    import contextlib
-    import os
+    from training.trainer import train
 
-    from common.data_lock import data_lock
-    from training.trainer import TrainingStopped, train
-
-    # one run writes RUN: rank 0 holds the lock (torchrun's other ranks share the run with it)
-    lock = data_lock(args.out, "train") if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
-    try:
-        with lock:
-            result = train(cfg, args.data, args.out, resume=args.resume)
-    except TrainingStopped as err:
-        print(f"lensforge: {err}", file=sys.stderr)
+    result = locked(args.out, NAME, lambda: train(cfg, args.data, args.out, resume=args.resume))
+    if result is None:
         return 3
     if result.get("checkpoint"):
         print(f"train: step {result['step']}, checkpoint {result['checkpoint']}")
     return 0
+
+
+def locked(out: str, name: str, work: Callable[[], dict]) -> dict | None:
+    """`work()` with RUN's lock held by rank 0 (torchrun's other ranks share the run with it); None when training
+    stopped (its one-line reason printed)."""
+    import contextlib
+    import os
+
+    from common.data_lock import data_lock
+    from training.trainer import TrainingStopped
+
+    lock = data_lock(out, name) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
+    try:
+        with lock:
+            return work()
+    except TrainingStopped as err:
+        print(f"lensforge: {err}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":  # `python -m pipelines.commands.train ...` works before `train` is in pipelines/cli.py

@@ -22,6 +22,17 @@ def test_gpu_script_on_a_cpu_at_tiny_sizes(tmp_path, monkeypatch, capsys):
     assert len(figures) == 3 and "all resident" in figures[0] and "--offload" in figures[2]
 
 
+def test_gpu_script_times_a_distilled_students_four_steps_without_cfg(tmp_path, monkeypatch, capsys):
+    rows = tmp_path / "rows.jsonl"
+    monkeypatch.setenv(ENV, str(rows))
+    assert gpu.main(["--small", "--device", "cpu", "--size", "32", "--steps", "4", "--cfg", "1", "--repeats", "1"]) == 0
+    (result,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert (result["steps"], result["cfg"]) == (4, 1.0) and result["sample_and_decode_s"] > 0
+    memory, timing = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert "4 steps without CFG" in memory["figure"]
+    assert "no CFG (a distilled student)" in timing["figure"] and timing["peer"] == gpu.TURBO_H100_SECONDS
+
+
 def test_training_rows_on_a_cpu_at_tiny_sizes(tmp_path, monkeypatch, capsys):
     rows = tmp_path / "rows.jsonl"
     monkeypatch.setenv(ENV, str(rows))

@@ -54,3 +54,15 @@ def test_lora_is_lens_rl_adapters_at_a_higher_lr():
     assert lora.base_dtype == "auto" and train.parallel.strategy == "ddp"
     _, full = sections("lens-finetune.yaml")
     assert train.optim.lr == 2e-4 and full.optim.lr < train.optim.lr <= 4e-4
+
+
+def test_lens_turbo_holds_the_papers_distillation_recipe_on_the_fine_tune_shards():
+    cfg = load_section("distill", str(CONFIGS / "lens-turbo.yaml"), [])
+    pre, _ = sections("lens-finetune.yaml")
+    assert cfg.teacher == cfg.init_from == RELEASE and (cfg.codec, cfg.text_encoder) == (pre.codec, pre.text_encoder)
+    assert (cfg.student_steps, cfg.guidance, cfg.sample.steps, cfg.sample.cfg) == (4, 5.0, 4, 1.0)
+    assert (cfg.losses.dm, cfg.losses.ca, cfg.losses.gan, cfg.losses.disc) == (1.0, 1.0, 1e-3, 0.1)
+    assert (cfg.fake.updates, cfg.fake.ema, cfg.fake.lr, cfg.optim.lr) == (4, 0.03, 5e-7, 5e-7)
+    assert (cfg.disc.lr, cfg.disc.r1_gamma, cfg.disc.r1_alpha) == (1e-4, 1.0, 0.1)
+    assert cfg.max_steps <= 1000 and cfg.parallel.strategy == "fsdp" and cfg.precision == "bf16"
+    assert sorted(cfg.data.batch_sizes) == pre.buckets.base_sides
