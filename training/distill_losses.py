@@ -22,7 +22,7 @@ import torch.nn.functional as F
 EPS = 1e-6  # floor of DMD's per-sample normaliser (a generated sample equal to the teacher's estimate)
 
 
-def _per_sample(x: torch.Tensor) -> torch.Tensor:
+def per_sample(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) → (B,) mean over everything but the batch."""
     return x.flatten(1).mean(dim=1)
 
@@ -41,12 +41,13 @@ def x0_from_v(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 def _toward(x0_gen: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """0.5·‖x0_gen − sg(x0_gen − grad)‖² per sample: its gradient in x0_gen is grad / numel, DMD's update."""
-    return 0.5 * _per_sample(F.mse_loss(x0_gen, (x0_gen - grad).detach(), reduction="none"))
+    return 0.5 * per_sample(F.mse_loss(x0_gen, (x0_gen - grad).detach(), reduction="none"))
 
 
-def _normaliser(x0_gen: torch.Tensor, p_real: torch.Tensor) -> torch.Tensor:
-    """DMD's per-sample weight: the mean |x0_gen − the teacher's x̂0|, so every sample moves at a similar rate."""
-    return _bcast(_per_sample((x0_gen.detach() - p_real).abs()).clamp_min(EPS), x0_gen)
+def adaptive_weight(x0: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """DMD's (and DiffusionNFT's) per-sample weight, broadcastable to x0: the mean |x0 − reference| (x0 detached),
+    so that every sample moves at a similar rate whatever its error."""
+    return _bcast(per_sample((x0.detach() - reference).abs()).clamp_min(EPS), x0)
 
 
 def dmd_loss(x0_gen: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_fake: torch.Tensor,
@@ -55,7 +56,7 @@ def dmd_loss(x0_gen: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_fake: t
     at x_t. Zero gradient when the fake score equals the real one (the student's distribution is the teacher's)."""
     with torch.no_grad():
         p_real, p_fake = x0_from_v(x_t, t, v_real), x0_from_v(x_t, t, v_fake)
-        grad = (p_fake - p_real) / _normaliser(x0_gen, p_real)
+        grad = (p_fake - p_real) / adaptive_weight(x0_gen, p_real)
     return _toward(x0_gen, grad)
 
 
@@ -70,7 +71,7 @@ def decoupled_dmd(x0_gen: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_fa
     with torch.no_grad():
         p_cond, p_uncond = x0_from_v(x_t, t, v_cond), x0_from_v(x_t, t, v_uncond)
         p_fake = x0_from_v(x_t, t, v_fake)
-        weight = _normaliser(x0_gen, p_uncond + guidance * (p_cond - p_uncond))
+        weight = adaptive_weight(x0_gen, p_uncond + guidance * (p_cond - p_uncond))
         dm_grad = (p_fake - p_cond) / weight
         ca_grad = -(guidance - 1) * (p_cond - p_uncond) / weight
     return _toward(x0_gen, dm_grad), _toward(x0_gen, ca_grad)
@@ -78,12 +79,12 @@ def decoupled_dmd(x0_gen: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_fa
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating GAN loss of the discriminator, per sample: softplus(−D(real)) + softplus(D(fake))."""
-    return _per_sample(F.softplus(-real_logits)) + _per_sample(F.softplus(fake_logits))
+    return per_sample(F.softplus(-real_logits)) + per_sample(F.softplus(fake_logits))
 
 
 def generator_gan_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating GAN loss of the student, per sample: softplus(−D(fake))."""
-    return _per_sample(F.softplus(-fake_logits))
+    return per_sample(F.softplus(-fake_logits))
 
 
 def perturbed(x_real: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -96,4 +97,4 @@ def approx_r1(real_logits: torch.Tensor, perturbed_logits: torch.Tensor, gamma: 
     """Approximate R1, per sample: γ·‖D(x) − D(x + α·ε)‖², a finite difference that penalises the
     discriminator's slope at real data without the exact R1's double backward (FSDP and fused attention lack
     it). The caller evaluates D on both in one batch."""
-    return gamma * _per_sample((real_logits - perturbed_logits) ** 2)
+    return gamma * per_sample((real_logits - perturbed_logits) ** 2)
