@@ -12,6 +12,11 @@ The caption's density is read from the prompt's text (system + user parts), firs
     3. "one sentence"         → describe(scene, "short");
     4. "about N words"        → describe(scene, "dense" if N >= 60 else "medium", max_words=N);
     5. otherwise              → describe(scene, "dense").
+
+The rubric judge's two requests (captioning/judge_prompts.py owns their wording) are answered from the scenes too:
+a text-only rubric request gets {"questions": scenes.rubric.rubric_for(the scene its prompt describes)}, and a
+yes/no question about an image gets "yes" or "no" from the parsed image (scenes.rubric.answer; "no" for a
+question it does not know).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from captioning.judge_prompts import ANSWER_ASK, RUBRIC_ASK, prompt_of, question_of
 from captioning.tokens import DETAILS, completion_tokens, image_tokens, text_tokens, words_within
 from scenes import Scene, describe, parse
+from scenes.rubric import STRUCTURE, answer, read_description, rubric_for
 
 PARSE_SIDE = 64  # images are parsed at most this large (JPEG draft decode + area resize): parse is exact at 64²
 #                  for renders (scenes/parse.py) and ~5x faster than at 256²: ~3 ms a request instead of ~15
@@ -103,7 +110,7 @@ def read_request(body: object, models: set[str] | frozenset[str]) -> ChatRequest
                 images.append((url, detail))
             else:
                 raise RequestError(400, f"unsupported content part {kind!r}", param="messages")
-    if not images:
+    if not images and not any(RUBRIC_ASK in text for text in texts):
         raise RequestError(400, "the lensforge endpoint captions images: no image_url part in the messages",
                            param="messages")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -192,13 +199,31 @@ def _image_size(url: str) -> tuple[int, int]:
                            param="messages") from None
 
 
+def judged(request: ChatRequest) -> str | None:
+    """The content of a rubric judge's request (a rubric, or a yes / no answer); None for any other request."""
+    text = "\n".join(request.texts)
+    if RUBRIC_ASK in text and not request.images:
+        scene = read_description(prompt_of(text) or "")
+        return json.dumps({"questions": rubric_for(scene) if scene is not None else [STRUCTURE]})
+    if ANSWER_ASK in text and request.images:
+        question = question_of(text) or ""
+        return "yes" if answer(question, scene_of(request.images[0][0])[0]) else "no"
+    return None
+
+
 def caption(request: ChatRequest) -> tuple[str, int]:
-    """(content, prompt_tokens) for a request: its first image captioned, every image and text part counted."""
-    scene, width, height = scene_of(request.images[0][0])
-    sizes = [(width, height)] + [_image_size(url) for url, _ in request.images[1:]]
+    """(content, prompt_tokens) for a request: its first image captioned (or the judge's request answered),
+    every image and text part counted."""
+    content = judged(request)
+    if content is None:
+        scene, width, height = scene_of(request.images[0][0])
+        sizes = [(width, height)] + [_image_size(url) for url, _ in request.images[1:]]
+        content = caption_for(scene, request.texts, request.json_mode)
+    else:
+        sizes = [_image_size(url) for url, _ in request.images]
     prompt = text_tokens("".join(request.texts))
     prompt += sum(image_tokens(w, h, detail) for (w, h), (_, detail) in zip(sizes, request.images))
-    return caption_for(scene, request.texts, request.json_mode), prompt
+    return content, prompt
 
 
 def apply_outcome(content: str, outcome: str) -> tuple[str, str]:
