@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from scenes.describe import position
+from scenes.describe import article, position
 from scenes.scene import BACKGROUNDS, CELLS, COLORS, SHAPES, SIZES, Obj, Scene
 
 STRUCTURE = "Is every object drawn as one whole, clean shape?"
@@ -47,15 +47,11 @@ def read_description(text: str) -> Scene | None:
     return Scene(objects=tuple(objects.values()), background=bg["bg"].lower() if bg else "white")
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 def rubric_for(scene: Scene) -> list[str]:
     """About ten yes / no questions a faithful image of `scene` answers "yes" to, STRUCTURE last."""
     questions = []
     for o in scene.objects:
-        questions.append(f"Is there {_article(o.color)} {o.color} {o.shape}?")
+        questions.append(f"Is there {article(f'{o.color} {o.shape}')}?")
         questions.append(f"Is the {o.color} {o.shape} {position(o.cell)}?")
     n = len(scene.objects)
     questions.append("Is there exactly 1 object?" if n == 1 else f"Are there exactly {n} objects?")

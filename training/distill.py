@@ -46,7 +46,7 @@ from training.loader import Batch, seed_of
 from training.metrics import forward_flops
 from training.model_init import build_model
 from training.parallel import Dist, all_reduce, autocast
-from training.trainer import Trainer, build_optimizer, grad_norm_and_clip, lr_at
+from training.trainer import Trainer, build_optimizer, grad_norm_and_clip
 
 STATE_DIR = "distill"  # in each step directory
 FAKE, FAKE_EMA, DISC = "fake.safetensors", "fake_ema.safetensors", "disc.safetensors"
@@ -228,7 +228,6 @@ class Distiller(Trainer):
             finite &= self.critic_step(batch, step, i, terms)
         out = self.student_step(group.batches[-1], step, terms)
         out["finite"] = out["finite"] and finite
-        out["flops"] = all_reduce([self._flops], self.d, self.device)[0] / self.d.world
         return out
 
     def critic_step(self, batch: Batch, step: int, update: int, terms: dict) -> bool:
@@ -291,15 +290,14 @@ class Distiller(Trainer):
         cfg, w = self.cfg, self.cfg.losses
         x0_real, text, mask, tokens = self._inputs(batch)
         gen, b = self._generator(step, cfg.fake.updates), x0_real.shape[0]
-        lr = lr_at(cfg, step)
-        for group in self.optim.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr(step)
         x0_gen = self.student_x0(x0_real, text, mask, tokens, gen, grad=True)
         t = self._timesteps(b, tokens, gen)
         x_t = noised(x0_gen, t, torch.randn(x0_gen.shape, generator=gen, device=self.device))  # graph → GAN
         x_score = x_t.detach()
         with torch.no_grad(), self._context():
-            v_fake = self._velocity(self.fake_ema or self.fake, x_score, t, text, mask)
+            score = self.fake_ema if self.fake_ema is not None else self.fake
+            v_fake = self._velocity(score, x_score, t, text, mask)
         gan, guided = self.head is not None, w.ca > 0
         x_in, t_in, text_in, mask_in = x_t if gan else x_score, t, text, mask
         if guided:  # the conditional and unconditional teacher in one batch, conditional first
@@ -324,8 +322,8 @@ class Distiller(Trainer):
         release(self.teacher)
         norm = grad_norm_and_clip(self.params, cfg.optim.grad_clip)
         out = self.apply_update(loss, norm, b, b * tokens, step, lr, batch.bucket,
-                                {"dm": float(dm.detach().mean()), "ca": float(ca.detach().mean()),
-                                 "gan": float(g.detach())})
+                                {"flops": self._flops, "dm": float(dm.detach().mean()),
+                                 "ca": float(ca.detach().mean()), "gan": float(g.detach())})
         terms.update({name: out.pop(name) for name in ("dm", "ca", "gan")})
         return {**out, "terms": dict(terms)}
 

@@ -207,9 +207,7 @@ class Trainer:
         text = batch.text.to(device, non_blocking=True).float()
         mask = batch.mask.to(device, non_blocking=True)
         generator = torch.Generator(device=device).manual_seed(seed_of(self.cfg.seed, "noise", self.d.rank, step))
-        lr = lr_at(self.cfg, step)
-        for group in self.optim.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr(step)
         with autocast(device, self.bf16, self.fsdp):
             loss = self.flow.loss(self.model, x0, text, mask, generator=generator).mean()
         loss.backward()
@@ -218,6 +216,13 @@ class Trainer:
         flops = train_flops(self.model_cfg, x0.shape[0], image_tokens, text.shape[1], frozen=self.cfg.lora is not None)
         return self.apply_update(loss, norm, x0.shape[0], x0.shape[0] * image_tokens, step, lr, batch.bucket,
                                  {"flops": flops})
+
+    def set_lr(self, step: int) -> float:
+        """The schedule's LR for `step` (from 1), set on every parameter group."""
+        lr = lr_at(self.cfg, step)
+        for group in self.optim.param_groups:
+            group["lr"] = lr
+        return lr
 
     def apply_update(self, loss: torch.Tensor, norm: torch.Tensor, samples: int, tokens: int, step: int, lr: float,
                      bucket: str, extra: dict[str, float]) -> dict:

@@ -41,12 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.commands.train import locked
     from training.distill import distill
 
-    result = locked(args.out, NAME, lambda: distill(cfg, args.data, args.out, resume=args.resume))
-    if result is None:
-        return 3
-    if result.get("checkpoint"):
-        print(f"distill: step {result['step']}, student {result['checkpoint']} (lensforge generate --run {args.out})")
-    return 0
+    return locked(args.out, NAME, lambda: distill(cfg, args.data, args.out, resume=args.resume),
+                  lambda step, checkpoint: f"distill: step {step}, student {checkpoint} "
+                                           f"(lensforge generate --run {args.out})")
 
 
 if __name__ == "__main__":

@@ -46,17 +46,14 @@ def run(args: argparse.Namespace) -> int:
                        init_from=args.init_from)
     from training.trainer import train
 
-    result = locked(args.out, NAME, lambda: train(cfg, args.data, args.out, resume=args.resume))
-    if result is None:
-        return 3
-    if result.get("checkpoint"):
-        print(f"train: step {result['step']}, checkpoint {result['checkpoint']}")
-    return 0
+    return locked(args.out, NAME, lambda: train(cfg, args.data, args.out, resume=args.resume),
+                  lambda step, checkpoint: f"train: step {step}, checkpoint {checkpoint}")
 
 
-def locked(out: str, name: str, work: Callable[[], dict]) -> dict | None:
-    """`work()` with RUN's lock held by rank 0 (torchrun's other ranks share the run with it); None when training
-    stopped (its one-line reason printed)."""
+def locked(out: str, name: str, work: Callable[[], dict], report: Callable[[int, str], str]) -> int:
+    """The exit code of `work()` run with RUN's lock held by rank 0 (torchrun's other ranks share the run with
+    it): 0, printing `report(step, checkpoint)` when a checkpoint was written, or 3 when training stopped (its
+    one-line reason printed)."""
     import contextlib
     import os
 
@@ -66,10 +63,13 @@ def locked(out: str, name: str, work: Callable[[], dict]) -> dict | None:
     lock = data_lock(out, name) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
     try:
         with lock:
-            return work()
+            result = work()
     except TrainingStopped as err:
         print(f"lensforge: {err}", file=sys.stderr)
-        return None
+        return 3
+    if result.get("checkpoint"):
+        print(report(result["step"], result["checkpoint"]))
+    return 0
 
 
 if __name__ == "__main__":  # `python -m pipelines.commands.train ...` works before `train` is in pipelines/cli.py
