@@ -59,16 +59,24 @@ def distill(name: str, args, out: Path) -> dict:
             "overrides": sets}
 
 
-def evaluate(name: str, source: Path, args, out: Path, steps: int | None = None, cfg: float | None = None,
-             grid: bool = True) -> dict:
-    """`lensforge evaluate` of a run (or with `source` a step directory, of that checkpoint), kept per settings."""
-    where = out / "eval" / f"{name}-{args.per_category}"
+def evaluated(name: str, source: Path, per_category: int, out: Path, steps: int | None = None,
+              cfg: float | None = None, tag: str = "distill bench") -> dict:
+    """adherence.json of `lensforge evaluate` of a run (or with `source` a step directory, of that checkpoint),
+    made once per name and kept (OUT/eval/<name>-<per_category>/, its path under "where")."""
+    where = out / "eval" / f"{name}-{per_category}"
     flags = ["--steps", str(steps), "--cfg", str(cfg)] if steps is not None else []
     if not (where / "adherence.json").is_file():
         which = "--checkpoint" if source.name.startswith("step_") else "--run"
-        lensforge(["evaluate", which, str(source), "--out", str(where), "--per-category", str(args.per_category),
-                   *flags], out / "logs" / f"evaluate-{name}.log", tag="distill bench")
-    result = json.loads((where / "adherence.json").read_text())
+        lensforge(["evaluate", which, str(source), "--out", str(where), "--per-category", str(per_category),
+                   *flags], out / "logs" / f"evaluate-{name}.log", tag=tag)
+    return {**json.loads((where / "adherence.json").read_text()), "where": str(where)}
+
+
+def evaluate(name: str, source: Path, args, out: Path, steps: int | None = None, cfg: float | None = None,
+             grid: bool = True) -> dict:
+    """The figures of `evaluated`: adherence, chance, categories, denoiser passes and seconds per image."""
+    result = evaluated(name, source, args.per_category, out, steps, cfg)
+    where = Path(result["where"])
     s = result["settings"]
     n = len(result["items"])
     if grid:

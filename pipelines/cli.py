@@ -20,7 +20,7 @@ from common.storage import is_remote, mirrored
 
 # Import order is the order in `lensforge --help`.
 COMMAND_MODULES = ["demo", "scenes", "serve_web", "curate", "serve_captioner", "caption", "precompute", "train",
-                   "distill", "run", "models", "generate", "export", "evaluate", "ablate", "doctor"]
+                   "distill", "rl", "run", "models", "generate", "export", "evaluate", "ablate", "doctor"]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

@@ -24,6 +24,7 @@ from pipelines.run_config import RunConfig
 from scenes.config import ScenesConfig
 from training.distill_config import DistillConfig
 from training.precompute_config import PrecomputeConfig
+from training.rl_config import RLConfig
 from training.train_config import TrainConfig
 
 # Section name -> the stage's config class. Later stages add theirs here.
@@ -34,6 +35,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "precompute": PrecomputeConfig,
     "train": TrainConfig,
     "distill": DistillConfig,
+    "rl": RLConfig,
     "run": RunConfig,
 }
 

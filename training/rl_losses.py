@@ -24,18 +24,24 @@ from training.distill_losses import adaptive_weight, per_sample, x0_from_v
 Z_FLOOR = 1e-6  # the normaliser Z when every reward of the batch is its prompt's mean
 
 
-def optimality(raw: torch.Tensor, groups: torch.Tensor, z: float | None = None) -> tuple[torch.Tensor, float]:
-    """(r, Z): r = ½ + ½·clip((raw − the prompt's mean) / Z, −1, 1) per rollout, r ∈ [0, 1].
-
-    raw (N,) rewards; groups (N,) the prompt each rollout answered (any integer ids). Z is `z` when given, else
-    the standard deviation of the centred rewards over the whole batch (the scale of one reward's deviation)."""
+def centred(raw: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(N,) float64: each reward minus the mean reward of its prompt. groups (N,) any integer prompt ids."""
     raw = raw.double()
     ids, index = torch.unique(groups, return_inverse=True)
     sums = torch.zeros(len(ids), dtype=raw.dtype, device=raw.device).index_add_(0, index, raw)
     counts = torch.zeros(len(ids), dtype=raw.dtype, device=raw.device).index_add_(0, index, torch.ones_like(raw))
-    centred = raw - (sums / counts)[index]
-    scale = float(z) if z is not None else max(float(centred.pow(2).mean().sqrt()), Z_FLOOR)
-    return (0.5 + 0.5 * (centred / scale).clamp(-1.0, 1.0)).float(), scale
+    return raw - (sums / counts)[index]
+
+
+def optimality(raw: torch.Tensor, groups: torch.Tensor, z: float | None = None) -> tuple[torch.Tensor, float]:
+    """(r, Z): r = ½ + ½·clip((raw − the prompt's mean) / Z, −1, 1) per rollout, r ∈ [0, 1].
+
+    raw (N,) rewards; groups (N,) the prompt each rollout answered (any integer ids). Z is `z` when given (the
+    RL loop's, over every rank's rollouts), else the standard deviation of the centred rewards over the batch (the
+    scale of one reward's deviation), at least Z_FLOOR."""
+    centred_raw = centred(raw, groups)
+    scale = float(z) if z is not None else max(float(centred_raw.pow(2).mean().sqrt()), Z_FLOOR)
+    return (0.5 + 0.5 * (centred_raw / scale).clamp(-1.0, 1.0)).float(), scale
 
 
 def flat_prompts(raw: torch.Tensor, groups: torch.Tensor) -> float:

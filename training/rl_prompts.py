@@ -97,7 +97,9 @@ class SceneReward:
             raise ValueError(f"the scenes reward needs every prompt's category and scene ({len(missing)} lack them, "
                              f"e.g. {prompts[missing[0]].text!r}): write the file with `lensforge scenes prompts`")
 
-    def score(self, prompts: Sequence[RLPrompt], images: Sequence[ImageLike]) -> list[float]:
+    last: dict[str, float] = {}  # per-step figures the RL loop logs (the judge's cost; none here)
+
+    def score(self, prompts: Sequence[RLPrompt], images: Sequence[ImageLike], step: int = 0) -> list[float]:
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
         self.check(prompts)

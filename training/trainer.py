@@ -96,16 +96,10 @@ class Trainer:
                                  f"({ {k: getattr(self.model_cfg, k, None) for k in differs} }): a fine-tune keeps "
                                  "the architecture and prediction of the weights it starts from")
         self.cfg = cfg = encoders_from_init(cfg, self.init, self.d.main)
-        self.shards = open_shard_set(data, cfg, self.model_cfg, any_encoders=self.init is not None and (
-            self.init.spec.codec is None or self.init.spec.text_encoder is None))
-        if cfg.codec != self.shards.encoders["codec"]["codec"] or \
-                cfg.text_encoder != self.shards.encoders["text"]["text_encoder"]:  # a bare transformer: the shards'
-            self.cfg = cfg = cfg.model_copy(update={"codec": self.shards.encoders["codec"]["codec"],
-                                                    "text_encoder": self.shards.encoders["text"]["text_encoder"]})
-        template = self.shards.encoders.get("text", {}).get("template") or {}  # the chat date GPT-OSS features had
+        self.cfg = cfg = self.open_data(data, cfg)  # sets data_id and text_date
         self.spec = CheckpointSpec(model=self.model_cfg, codec=cfg.codec, text_encoder=cfg.text_encoder,
                                    text_layers=self.init.spec.text_layers if self.init else None,
-                                   text_date=template.get("date"))
+                                   text_date=self.text_date)
         self.lora_info = None
         if cfg.lora is not None and lora.base_dtype(cfg.lora, device) != torch.float32 and not self.bf16:
             raise ValueError(f"train.lora.base_dtype {cfg.lora.base_dtype} on {device} needs bf16 compute: set "
@@ -135,7 +129,7 @@ class Trainer:
         self.step = state.get("step", 0)
         if not state:  # the global stream (LoRA dropout) starts seeded; a resume restores it per rank below
             torch.manual_seed(seed_of(cfg.seed, "torch", self.d.rank))
-        self.loader = Loader(self.shards, cfg, self.d.rank, self.d.world, state=self._restore_rank(state))
+        self.loader = self.make_loader(self._restore_rank(state))
         self.position = self.loader.state()
         self.flow = RectifiedFlow(prediction=self.model_cfg.prediction)
         self.val_batches = (holdout_batches(self.shards, cfg, cfg.val.samples, cfg.val.batch_size)
@@ -154,6 +148,30 @@ class Trainer:
                            trainable=sum(p.numel() for p in self.params))
 
     # -- setup --------------------------------------------------------------------------------------------------
+    def open_data(self, data, cfg: TrainConfig) -> TrainConfig:
+        """Open the shard set; the config with the shards' codec and text encoder where the weights name none.
+        Sets `data_id` (what checkpoints record the data as) and `text_date` (the chat date of the features).
+        Another loop (training/rl.py: prompts, no shards) overrides this, `make_loader` and `describe_data`."""
+        self.shards = open_shard_set(data, cfg, self.model_cfg, any_encoders=self.init is not None and (
+            self.init.spec.codec is None or self.init.spec.text_encoder is None))
+        self.data_id = str(self.shards.root)
+        template = self.shards.encoders.get("text", {}).get("template") or {}  # the chat date GPT-OSS features had
+        self.text_date = template.get("date")
+        if cfg.codec != self.shards.encoders["codec"]["codec"] or \
+                cfg.text_encoder != self.shards.encoders["text"]["text_encoder"]:  # a bare transformer: the shards'
+            cfg = cfg.model_copy(update={"codec": self.shards.encoders["codec"]["codec"],
+                                         "text_encoder": self.shards.encoders["text"]["text_encoder"]})
+        return cfg
+
+    def make_loader(self, state: dict | None):
+        """What `next_batch` draws from (`.next_batch()`, `.state()`), at a saved position or fresh."""
+        return Loader(self.shards, self.cfg, self.d.rank, self.d.world, state=state)
+
+    def describe_data(self) -> tuple[dict, str]:
+        """({fields for config.json}, the start line's words about the data)."""
+        return ({"shard_set": self.data_id, "samples": self.shards.samples},
+                f"{self.shards.samples:,} samples in {len(self.shards.buckets)} buckets ({self.shards.root})")
+
     def _find_checkpoint(self, resume: bool) -> Path | None:
         found = ckpt.complete_checkpoints(self.run)
         if found and not resume:
@@ -169,9 +187,9 @@ class Trainer:
         """This rank's data position (and RNG states) from a trainer state; None to start fresh."""
         if not state:
             return None
-        if state.get("shard_set") != str(self.shards.root) and self.d.main:
+        if state.get("shard_set") != self.data_id and self.d.main:
             print(f"train: the checkpoint was trained on {state.get('shard_set')}, this run reads "
-                  f"{self.shards.root}: its data positions may not mean the same samples")
+                  f"{self.data_id}: its data positions may not mean the same samples")
         if state.get("world_size") != self.d.world:
             if self.d.main:
                 print(f"train: resuming {state.get('world_size')} ranks' data positions on {self.d.world} ranks: "
@@ -185,18 +203,18 @@ class Trainer:
         if not self.d.main:
             return
         self.run.mkdir(parents=True, exist_ok=True)
+        fields, words = self.describe_data()
         resolved = {"train": self.cfg.model_dump(mode="json"), "model": self.model_cfg.model_dump(mode="json"),
                     "init_from": {"path": self.cfg.init_from, "kind": self.init.kind,
                                   "files": [str(f) for f in self.init.files]} if self.init else None,
                     "lora": self.lora_info.model_dump() if self.lora_info else None,
-                    "data": str(data), "shard_set": str(self.shards.root), "samples": self.shards.samples,
-                    "world_size": self.d.world, "device": str(self.device), "bf16": self.bf16}
+                    "data": str(data), **fields, "world_size": self.d.world, "device": str(self.device),
+                    "bf16": self.bf16}
         write_json(self.run / "config.json", resolved)
         trainable, total = sum(p.numel() for p in self.params), sum(p.numel() for p in self.model.parameters())
         start = f", from {self.init.kind} {self.cfg.init_from}" if self.init else ""
         tuned = f", LoRA r {self.cfg.lora.rank}: {trainable:,} of {total:,} parameters train" if self.cfg.lora else ""
-        print(f"train: {self.shards.samples:,} samples in {len(self.shards.buckets)} buckets ({self.shards.root}); "
-              f"model {self.model_cfg.name}{start}{tuned}, {self.d.world} rank(s) on {self.device}, "
+        print(f"train: {words}; model {self.model_cfg.name}{start}{tuned}, {self.d.world} rank(s) on {self.device}, "
               f"{'bf16' if self.bf16 else 'fp32'}, from step {self.step} → {self.cfg.max_steps}")
 
     # -- one step -----------------------------------------------------------------------------------------------
@@ -248,8 +266,8 @@ class Trainer:
         cuda = self.device.type == "cuda"
         # On 2 CPU cores a loader thread cost 0.13 s of a 0.46 s tiny step (GIL and the step's OpenMP threads),
         # 5× what it saved; with an accelerator the host is idle during the step and the thread hides the load.
-        batches = prefetch(self.loader, cfg.data.prefetch, pin_memory=True) if cuda and cfg.data.prefetch else \
-            inline(self.loader)
+        batches = prefetch(self.loader, cfg.data.prefetch, pin_memory=True) if cuda and cfg.data.prefetch and \
+            isinstance(self.loader, Loader) else inline(self.loader)
         window = Window()
         bad_run: list[int] = []
         found = ckpt.complete_checkpoints(self.run)
@@ -299,7 +317,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         rank_state = {"rank": self.d.rank, "data": self.position, "rng": ckpt.rng_state(self.device)}
-        extra = {"config": self.cfg.model_dump(mode="json"), "shard_set": str(self.shards.root)}
+        extra = {"config": self.cfg.model_dump(mode="json"), "shard_set": self.data_id}
         path = ckpt.save(self.run, self.step, self.model, self.optim, self.ema, self.spec, rank_state, extra,
                          self.d, self.cfg.keep_checkpoints, self.lora_info, more=self.save_more)
         self.log.write("checkpoint", self.step, path=str(path))
@@ -348,6 +366,7 @@ class Window:
         self.loss = self.norm = self.samples = self.tokens = self.flops = self.wait = self.time = 0.0
         self.lr = 0.0
         self.terms: dict[str, float] = {}  # a step's further named losses (distill's), summed over finite steps
+        self.totals: dict[str, float] = {}  # running totals (the RL judge's spend): the latest step's
 
     def add(self, out: dict, waited: float, took: float) -> None:
         self.steps += 1
@@ -359,6 +378,7 @@ class Window:
             self.loss, self.norm = self.loss + out["loss"], self.norm + out["grad_norm"]
             for name, value in out.get("terms", {}).items():
                 self.terms[name] = self.terms.get(name, 0.0) + value
+        self.totals.update(out.get("totals", {}))
 
     def samples_per_s(self) -> float:
         return self.samples / self.time if self.time else 0.0
@@ -372,7 +392,7 @@ class Window:
                 "data_wait": round(self.wait / t, 4), "step_s": round(t / self.steps, 4),
                 "tflops": round(tflops, 4), "mfu": round(tflops / peak, 4) if peak else None,
                 "skipped": self.steps - self.finite,
-                **{name: value / n for name, value in self.terms.items()}}
+                **{name: value / n for name, value in self.terms.items()}, **self.totals}
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = False) -> dict:

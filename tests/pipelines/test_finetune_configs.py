@@ -66,3 +66,13 @@ def test_lens_turbo_holds_the_papers_distillation_recipe_on_the_fine_tune_shards
     assert (cfg.disc.lr, cfg.disc.r1_gamma, cfg.disc.r1_alpha) == (1e-4, 1.0, 0.1)
     assert cfg.max_steps <= 1000 and cfg.parallel.strategy == "fsdp" and cfg.precision == "bf16"
     assert sorted(cfg.data.batch_sizes) == pre.buckets.base_sides
+
+
+def test_lens_rl_holds_the_papers_recipe_lora_on_the_release_and_a_mini_judge():
+    cfg = load_section("rl", str(CONFIGS / "lens-rl.yaml"), [])
+    assert cfg.init == cfg.init_from == RELEASE and cfg.reward == "judge" and cfg.judge.model == "gpt-4.1-mini"
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets) == (64, 128.0, LORA_TARGETS)
+    assert (cfg.optim.lr, cfg.kl, cfg.max_steps) == (3e-4, 1e-4, 180)
+    assert cfg.rollout.prompts * 8 == 48 and cfg.rollout.images == 24  # per rank on the 8 GPUs its comment names
+    assert cfg.rollout.cfg == 1.0 and cfg.rollout.size == 1024 and cfg.parallel.strategy == "fsdp"
+    assert cfg.judge.max_cost_usd is None  # the budget is the command's (--max-cost-usd), as its comment shows
