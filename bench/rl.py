@@ -3,6 +3,8 @@ and evaluated on all of them, with the rule reward and with the rubric judge.
 
     .venv/bin/python -m bench.rl --init demo-out/run --out bench-out/rl          # both rewards (≈ 50 min, 2 cores)
     .venv/bin/python -m bench.rl --init demo-out/run --rewards scenes            # one (≈ 25 min)
+    .venv/bin/python -m bench.rl --init demo-out/run --out bench-out/rl-lr3e-4 --set rl.optim.lr=3e-4 \
+        --set rl.max_steps=200 --set rl.checkpoint_every=50                    # Lens-RL's LR, twice as long
     .venv/bin/python -m bench.rl --init demo-out/run --quick                     # smoke test of this script, ≈ 1 min
 
 1. `lensforge scenes prompts --categories TRAIN --per-category 64 --seed 1`: the training prompts (evaluate's are
@@ -54,7 +56,7 @@ def rl_run(reward: str, args, prompts: Path, out: Path, base_url: str | None) ->
            "--config", str(args.config), "--resume", "--set", "rl.progress=false"]
     if base_url:
         cmd += ["--base-url", base_url]
-    for setting in QUICK if args.quick else []:
+    for setting in [*args.set, *(QUICK if args.quick else [])]:
         cmd += ["--set", setting]
     os.environ.setdefault("OPENAI_API_KEY", JUDGE_KEY)  # the local endpoint takes any key
     lensforge(cmd, out / "logs" / f"rl-{reward}.log", tag="rl bench")
@@ -167,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "rl")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--rewards", default=",".join(REWARDS), help=f"some of {', '.join(REWARDS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="rl.K=V", help="an override of the config "
+                        "for both runs (repeatable), e.g. rl.optim.lr=3e-4")
     parser.add_argument("--per-category", type=int, default=64, help="evaluate's prompts per category")
     parser.add_argument("--quick", action="store_true", help="2 tiny steps a reward and 2 prompts a category: a "
                         "smoke test of the script, not a measurement")

@@ -151,13 +151,18 @@ class RLTrainer(Trainer):
         self.reference = None
         if cfg.kl and cfg.lora is None:
             self.reference = frozen_model(cfg.model_copy(update={"lora": None}), self.init, d, self.bf16)
-        tokens = (self.size // self.pipe.codec.factor // self.model_cfg.patch) ** 2
-        self.image_tokens = tokens
+        self.image_tokens = (self.size // self.pipe.codec.factor // self.model_cfg.patch) ** 2
         if d.main:
             r = cfg.rollout
             print(f"rl: {len(self.prompt_list)} prompts, {cfg.reward} reward; {r.prompts} prompts × {r.images} "
                   f"images a step and rank, {r.steps} steps, CFG {r.cfg:g}, {self.size}²; β {cfg.beta:g}, KL "
                   f"{cfg.kl:g}{' (adapters off)' if cfg.kl and cfg.lora else ''}")
+
+    def fit(self) -> dict:
+        try:
+            return super().fit()
+        finally:
+            self.reward.close()  # the judge's journal
 
     # -- the trainer's data hooks: prompts, no shards -----------------------------------------------------------
     def open_data(self, data, cfg: RLConfig) -> RLConfig:

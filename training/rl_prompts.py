@@ -99,6 +99,9 @@ class SceneReward:
 
     last: dict[str, float] = {}  # per-step figures the RL loop logs (the judge's cost; none here)
 
+    def close(self) -> None:
+        """Nothing to release (the judge closes its journal)."""
+
     def score(self, prompts: Sequence[RLPrompt], images: Sequence[ImageLike], step: int = 0) -> list[float]:
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")

@@ -18,9 +18,10 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+def run_group(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

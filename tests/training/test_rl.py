@@ -192,3 +192,27 @@ def test_bad_input_is_one_line(teacher, prompts, tmp_path):
     with pytest.raises(ValueError, match="differs from rl.init"):
         RLConfig(init=str(teacher), init_from="/elsewhere")
     assert RLConfig(init=str(teacher)).init_from == str(teacher)
+
+
+@pytest.mark.slow  # ≈ 40 s: two torchrun launches (tests/training/test_parallel.py covers the trainer's on every push)
+def test_ddp_and_fsdp_under_torchrun_post_train_the_same_policy(teacher, prompts, endpoint, tmp_path):
+    """Two CPU processes (gloo), each rank its own prompts and judge journal: the policy and θ_old come out the same
+    sharded (FSDP2: θ_old worn on each rank's shards, the reference sharded too) as replicated (DDP)."""
+    from tests.training.test_parallel import TORCHRUN, run_group
+
+    out = {}
+    for strategy in ("ddp", "fsdp"):
+        run = tmp_path / strategy
+        cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "pipelines.cli", "rl", "--init",
+               str(teacher), "--prompts", str(prompts), "--out", str(run), "--reward", "judge", "--base-url",
+               endpoint, "--max-steps", "2", "--checkpoint-every", "2", "--log-every", "1", *FLAGS,
+               "--set", f"rl.parallel.strategy={strategy}"]
+        done = run_group(cmd, timeout=300, env=judge_env())
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert (run / "rl" / "judge-rank1.jsonl").is_file()
+        out[strategy] = run / "checkpoints" / "step_00000002"
+    for name in ("model.safetensors", "ema.safetensors", "rl/old.safetensors"):
+        a, b = load_file(str(out["ddp"] / name)), load_file(str(out["fsdp"] / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
