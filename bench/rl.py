@@ -1,8 +1,8 @@
 """Lens-RL on the synthetic scenes: DiffusionNFT from the demo's tiny model, trained on some adherence categories
 and evaluated on all of them, with the rule reward and with the rubric judge.
 
-    .venv/bin/python -m bench.rl --init demo-out/run --out bench-out/rl          # both rewards (≈ 50 min, 2 cores)
-    .venv/bin/python -m bench.rl --init demo-out/run --rewards scenes            # one (≈ 25 min)
+    .venv/bin/python -m bench.rl --init demo-out/run --out bench-out/rl          # both rewards (≈ 25 min, 2 cores)
+    .venv/bin/python -m bench.rl --init demo-out/run --rewards scenes            # one (≈ 12 min)
     .venv/bin/python -m bench.rl --init demo-out/run --out bench-out/rl-lr3e-4 --set rl.optim.lr=3e-4 \
         --set rl.max_steps=200 --set rl.checkpoint_every=50                    # Lens-RL's LR, twice as long
     .venv/bin/python -m bench.rl --init demo-out/run --quick                     # smoke test of this script, ≈ 1 min
@@ -95,6 +95,10 @@ def split(result: dict, before: dict | None, held: tuple[str, ...]) -> dict:
             _, change = bootstrap({c: now[c] - then[c] for c in cats})
             out[f"{name}_change"] = {"mean": change.mean, "ci95": [change.low, change.high]}
     out["categories"] = {c: v["score"]["mean"] for c, v in result["categories"].items()}
+    if before is not None:  # each category's paired change: where a mean over categories hides a loss
+        now, then = passed(result, out["categories"]), passed(before, out["categories"])
+        per, _ = bootstrap({c: now[c] - then[c] for c in out["categories"]})
+        out["category_change"] = {c: {"mean": e.mean, "ci95": [e.low, e.high]} for c, e in per.items()}
     return out
 
 
@@ -116,6 +120,12 @@ def markdown(models: dict, runs: dict, held: tuple[str, ...], trajectory: dict) 
     lines += ["", "| model | " + " | ".join(marks) + " |", "|---" * (len(categories) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{m['categories'][c]:.2f}" for c in categories) + " |"
               for name, m in models.items()]
+    changed = {name: m for name, m in models.items() if "category_change" in m}
+    if changed:
+        lines += ["", "Change from the init, by category (paired 95 % CI; the same prompts and seeds):", "",
+                  "| model | " + " | ".join(marks) + " |", "|---" * (len(categories) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(ci(m["category_change"][c], True) for c in categories) + " |"
+                  for name, m in changed.items()]
     lines.append("")
     for reward, r in runs.items():
         cost = (f"; the judge: {r['judge_requests']:,} requests, {r['judge_tokens']:,} tokens, "

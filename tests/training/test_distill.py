@@ -61,6 +61,22 @@ def losses(run) -> dict[int, tuple]:
     return {r["step"]: tuple(r[k] for k in keys) for r in records(run)}
 
 
+def killed_after(cmd: list[str], run, steps: int, env: dict | None = None) -> int:
+    """Start a training command and SIGKILL its process group once `run` has logged `steps` train records; the
+    records it reached (a checkpoint was due on the way)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
+    deadline = time.monotonic() + 240
+    try:
+        while len(records(run)) < steps and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return len(records(run))
+
+
 @pytest.fixture(scope="module")
 def whole(teacher, data, tmp_path_factory):
     run = tmp_path_factory.mktemp("distill") / "whole"
@@ -116,17 +132,7 @@ def test_distill_writes_a_student_that_generate_evaluate_and_export_use_with_its
 
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(whole, teacher, data, tmp_path):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(distill_cmd(teacher, data, killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while len(records(killed)) < EVERY + 1 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    reached = len(records(killed))
+    reached = killed_after(distill_cmd(teacher, data, killed), killed, EVERY + 1)
     assert EVERY + 1 <= reached < STEPS, "the run was not killed mid-way"
 
     done = subprocess.run(distill_cmd(teacher, data, killed, "--resume"), capture_output=True, text=True,

@@ -5,16 +5,14 @@ that generate reads with the rollouts' steps and CFG; a SIGKILLed run resumes to
 
 import json
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from captioning.endpoint import start_endpoint
-from tests.training.test_distill import cli, records
+from tests.training.test_distill import cli, killed_after, records
 from training.rl_config import RLConfig
 
 STEPS, EVERY = 6, 2
@@ -130,17 +128,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses_and_pays_nothing_twi
                                                                                    endpoint, tmp_path):
     killed = tmp_path / "killed"
     cmd = rl_cmd(teacher, prompts, killed, "--reward", "judge", "--base-url", endpoint)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=judge_env())
-    deadline = time.monotonic() + 240
-    try:
-        while len(records(killed)) < EVERY + 1 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    reached = len(records(killed))
+    reached = killed_after(cmd, killed, EVERY + 1, env=judge_env())
     assert EVERY + 1 <= reached < STEPS, "the run was not killed mid-way"
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, env=judge_env())
     assert done.returncode == 0, done.stderr[-3000:]
