@@ -1,8 +1,8 @@
 """Lens-RL on the synthetic scenes: DiffusionNFT from the demo's tiny model, trained on some adherence categories
 and evaluated on all of them, with the rule reward and with the rubric judge.
 
-    .venv/bin/python -m bench.rl --init demo-out/run --out bench-out/rl          # both rewards (≈ 25 min, 2 cores)
-    .venv/bin/python -m bench.rl --init demo-out/run --rewards scenes            # one (≈ 12 min)
+    .venv/bin/python -m bench.rl --init demo-out/run --out bench-out/rl          # both rewards (≈ 20 min, 2 cores)
+    .venv/bin/python -m bench.rl --init demo-out/run --rewards scenes            # one (≈ 10 min)
     .venv/bin/python -m bench.rl --init demo-out/run --out bench-out/rl-lr3e-4 --set rl.optim.lr=3e-4 \
         --set rl.max_steps=200 --set rl.checkpoint_every=50                    # Lens-RL's LR, twice as long
     .venv/bin/python -m bench.rl --init demo-out/run --quick                     # smoke test of this script, ≈ 1 min
@@ -83,22 +83,24 @@ def passed(result: dict, categories) -> dict[str, np.ndarray]:
 
 def split(result: dict, before: dict | None, held: tuple[str, ...]) -> dict:
     """Adherence over the trained and the held-out categories (mean of categories, 95 % CI), and with `before`
-    the paired change: per item after − before, resampled within categories."""
+    the paired changes (per item after − before, resampled within categories): of those means, and of each
+    category, where a mean over categories can hide a loss."""
     from scenes.adherence_report import bootstrap
 
+    def interval(e) -> dict:
+        return {"mean": e.mean, "ci95": [e.low, e.high]}
+
+    categories = list(result["categories"])
+    now = passed(result, categories)
+    change = {c: now[c] - then for c, then in passed(before, categories).items()} if before is not None else None
     out = {}
     for name, cats in ("trained", TRAIN), ("held_out", held):
-        _, est = bootstrap(passed(result, cats))
-        out[name] = {"mean": est.mean, "ci95": [est.low, est.high]}
-        if before is not None:
-            now, then = passed(result, cats), passed(before, cats)
-            _, change = bootstrap({c: now[c] - then[c] for c in cats})
-            out[f"{name}_change"] = {"mean": change.mean, "ci95": [change.low, change.high]}
+        out[name] = interval(bootstrap({c: now[c] for c in cats})[1])
+        if change is not None:
+            out[f"{name}_change"] = interval(bootstrap({c: change[c] for c in cats})[1])
     out["categories"] = {c: v["score"]["mean"] for c, v in result["categories"].items()}
-    if before is not None:  # each category's paired change: where a mean over categories hides a loss
-        now, then = passed(result, out["categories"]), passed(before, out["categories"])
-        per, _ = bootstrap({c: now[c] - then[c] for c in out["categories"]})
-        out["category_change"] = {c: {"mean": e.mean, "ci95": [e.low, e.high]} for c, e in per.items()}
+    if change is not None:
+        out["category_change"] = {c: interval(e) for c, e in bootstrap(change)[0].items()}
     return out
 
 

@@ -192,6 +192,13 @@ class RLTrainer(Trainer):
     def _velocity(self, x, t, text, mask) -> torch.Tensor:
         return self.flow.velocity(self.model(x, t, text, mask), x, t).float()
 
+    def _reference_velocity(self, x, t, text, mask) -> torch.Tensor:
+        """The frozen initial model's velocity: the reference copy, or for LoRA the policy with its adapters off."""
+        if self.reference is not None:
+            return self.flow.velocity(self.reference(x, t, text, mask), x, t).float()
+        with adapters_off(self.model):
+            return self._velocity(x, t, text, mask)
+
     def rollouts(self, batch: PromptBatch, step: int) -> tuple[list[RLPrompt], torch.Tensor, torch.Tensor,
                                                                 torch.Tensor]:
         """(prompt of each rollout, x0 (N, C, h, w), text (N, L, D), mask (N, L)) sampled by θ_old, N =
@@ -216,7 +223,7 @@ class RLTrainer(Trainer):
 
     def rewards(self, prompts: list[RLPrompt], x0: torch.Tensor, step: int) -> torch.Tensor:
         images = []
-        with torch.no_grad(), self.pipe._context():
+        with torch.no_grad(), self.pipe._context():  # the codec's own autocast (its weights are in `compute`)
             for start in range(0, len(x0), self.cfg.rollout.batch_size):
                 images += to_pil(self.pipe.codec.decode(x0[start:start + self.cfg.rollout.batch_size]),
                                  self.pipe.codec.rounding)
@@ -236,27 +243,26 @@ class RLTrainer(Trainer):
         optimal = optimal.to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(seed_of(cfg.seed, "rl", self.d.rank, step))
         n, nft_sum, kl_sum = len(prompts), 0.0, 0.0
+        parts = [slice(start, start + cfg.train_batch) for start in range(0, n, cfg.train_batch)]
+        noised_parts = []  # per micro-batch (x_t, t): drawn in order, t then ε, from the step's generator
+        for part in parts:
+            t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(x0[part].shape[0], generator=gen, device=self.device)
+            noised_parts.append((noised(x0[part], t, torch.randn(x0[part].shape, generator=gen, device=self.device)),
+                                 t))
+        with torch.no_grad(), self._context():  # θ_old worn once for the whole step, not per micro-batch
+            with wearing(self.old):
+                v_old = [self._velocity(x_t, t, text[part], mask[part]) for part, (x_t, t) in zip(parts, noised_parts)]
+            v_ref = [self._reference_velocity(x_t, t, text[part], mask[part]) if cfg.kl else None
+                     for part, (x_t, t) in zip(parts, noised_parts)]
         per_forward = forward_flops(self.model_cfg, self.image_tokens, text.shape[1])
-        for start in range(0, n, cfg.train_batch):
-            part = slice(start, start + cfg.train_batch)
-            b = x0[part].shape[0]
-            t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(b, generator=gen, device=self.device)
-            x_t = noised(x0[part], t, torch.randn(x0[part].shape, generator=gen, device=self.device))
-            with torch.no_grad(), self._context():
-                with wearing(self.old):
-                    v_old = self._velocity(x_t, t, text[part], mask[part])
-                v_ref = None
-                if cfg.kl:
-                    with adapters_off(self.model) if self.reference is None else contextlib.nullcontext():
-                        model = self.model if self.reference is None else self.reference
-                        v_ref = self.flow.velocity(model(x_t, t, text[part], mask[part]), x_t, t).float()
+        for part, (x_t, t), old, ref in zip(parts, noised_parts, v_old, v_ref):
             with self._context():
                 v_new = self._velocity(x_t, t, text[part], mask[part])
-            nft = nft_loss(v_new, v_old, x_t, t, x0[part], optimal[part], cfg.beta)
-            kl = kl_to_reference(v_new, v_ref) if v_ref is not None else torch.zeros_like(nft)
+            nft = nft_loss(v_new, old, x_t, t, x0[part], optimal[part], cfg.beta)
+            kl = kl_to_reference(v_new, ref) if ref is not None else torch.zeros_like(nft)
             ((nft.sum() + cfg.kl * kl.sum()) / n).backward()
             nft_sum, kl_sum = nft_sum + float(nft.detach().sum()), kl_sum + float(kl.detach().sum())
-            self._flops += per_forward * b * (5 + bool(cfg.kl))  # old, new (+ its backward: ×3), reference
+            self._flops += per_forward * len(t) * (5 + bool(cfg.kl))  # old, new (+ its backward: ×3), reference
         loss = torch.tensor((nft_sum + cfg.kl * kl_sum) / n)
         norm = grad_norm_and_clip(self.params, cfg.optim.grad_clip)
         world = self.d.world  # the judge's figures are sums over ranks: apply_update averages its extras

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from captioning.config import Price, check_base_url
 from training.train_config import EMAConfig, OptimConfig, TrainConfig, _Strict
@@ -67,11 +67,10 @@ class JudgeConfig(_Strict):
     upscale: int = Field(256, ge=16, description="images smaller than this are sent enlarged (nearest) to it: "
                          "a vision model reads a 32-pixel image badly")
 
-    @model_validator(mode="after")
-    def _url(self) -> "JudgeConfig":
-        if self.base_url is not None:
-            self.base_url = check_base_url(self.base_url)
-        return self
+    @field_validator("base_url")
+    @classmethod
+    def _valid_base_url(cls, value: str | None) -> str | None:
+        return value if value is None else check_base_url(value)
 
 
 class RLConfig(TrainConfig):

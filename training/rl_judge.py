@@ -95,7 +95,6 @@ class JudgeReward:
         self.rubrics: dict[str, list[str]] = {}
         self.answers: dict[str, bool | None] = {}
         self.spent = 0.0
-        self.tokens = 0
         if self.path.is_file():
             self._replay()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +108,6 @@ class JudgeReward:
             except json.JSONDecodeError:  # a torn last line (a write cut short): nothing was learned from it
                 continue
             self.spent += row.get("usd", 0.0)
-            self.tokens += row.get("tokens", 0)
             if row["kind"] == "rubric":
                 self.rubrics[row["prompt"]] = row["questions"]
             else:
@@ -163,7 +161,7 @@ class JudgeReward:
 
         def book(row: dict, tokens: int, usd: float) -> None:
             self._append({**row, "step": step, "tokens": tokens, "usd": usd})
-            self.spent, self.tokens = self.spent + usd, self.tokens + tokens
+            self.spent += usd
             stats["judge_requests"] += 1
             stats["judge_usd"] += usd
             stats["judge_tokens"] += tokens
