@@ -84,6 +84,9 @@ class Trainer:
                  d: Dist | None = None):
         self.cfg, self.run = cfg, Path(out)
         self.d = d or init_distributed(cfg.device)
+        # Every rank makes the run directory: a rank may write there (its FSDP shards, a judge journal) before the
+        # main rank has written config.json, and on nodes without a shared disk each needs its own.
+        self.run.mkdir(parents=True, exist_ok=True)
         device = self.device = self.d.device
         set_determinism(cfg, device)
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

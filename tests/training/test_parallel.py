@@ -31,11 +31,20 @@ def run_group(cmd: list[str], timeout: float, env: dict | None = None) -> subpro
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def failure_text(done: subprocess.CompletedProcess, limit: int = 6000) -> str:
+    """What a failed torchrun said: the first rank's error lines (torchrun prefixes them with `[rankN]:`, and the
+    rank that failed first is the cause; the others then fail in their collectives), then the output's tail."""
+    lines = (done.stdout + done.stderr).splitlines()
+    traced = [i for i, line in enumerate(lines) if "Traceback" in line]
+    first = "\n".join(lines[traced[0]:traced[0] + 60]) if traced else ""
+    return f"{first[:limit // 2]}\n...\n{chr(10).join(lines)[-limit // 2:]}"
+
+
 def torchrun(data, out, strategy, steps, *flags):
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(WORKER), str(data), str(out), strategy,
            str(steps), *flags]
     done = run_group(cmd, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_text(done)
     weights = [load_file(str(Path(out) / f"rank{r}.safetensors")) for r in (0, 1)]
     buckets = [json.loads((Path(out) / f"rank{r}.json").read_text())["buckets"] for r in (0, 1)]
     return weights, buckets
