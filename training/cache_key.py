@@ -27,6 +27,7 @@ from inference.codecs import describe_codec
 from inference.config import ModelConfig
 from inference.text import describe_text_encoder, resolve_text_spec
 from training.buckets import LENS_BASE_SIDES, LENS_RATIOS, BucketTable
+from training.caption_variants import stored_variant
 from training.precompute_config import PrecomputeConfig
 from training.precompute_workers import RESAMPLE
 from training.shard_format import FORMAT_VERSION, dict_diff
@@ -120,7 +121,8 @@ def encoder_mismatches(encoders: dict, cfg: TrainConfig, model: ModelConfig, exp
     if width != want:
         problems.append(f"text features {len(text.get('layers', []))} layers × {text.get('dim')} = {width} wide, "
                         f"model {model.name!r} wants {model.text_layers} × {model.text_dim} = {want}")
-    missing = sorted(v for v, p in cfg.data.captions.items() if p > 0 and v not in text.get("variants", []))
+    wanted = [v for v, p in cfg.data.captions.items() if p > 0] + ([cfg.val.captions] if cfg.val.captions else [])
+    missing = sorted({v for v in wanted if stored_variant(v) not in text.get("variants", [])})
     if missing:
         problems.append(f"caption variants {missing} not in the shards (they hold {text.get('variants')})")
     return problems

@@ -34,6 +34,8 @@ import webdataset as wds
 from inference.config import ModelConfig
 from training.buckets import LENS_BASE_SIDES, LENS_RATIOS, BucketTable
 from training.cache_key import encoder_mismatches, training_key
+from training.caption_cut import CaptionCut, draw_cut
+from training.caption_variants import stored_variant, truncated
 from training.shard_format import (
     ENCODERS_FILE,
     REDO,
@@ -251,28 +253,50 @@ def pad_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     return text, mask
 
 
-def choose_captions(samples: list[dict], mix: dict[str, float], dropout: float,
-                    rng: np.random.Generator) -> tuple[list[torch.Tensor], list[str | None]]:
-    """Per sample: a variant drawn from the mix (among those the sample has), or none (dropout: no tokens)."""
+def choose_captions(samples: list[dict], mix: dict[str, float], dropout: float, rng: np.random.Generator,
+                    cut: CaptionCut | None = None) -> tuple[list[torch.Tensor], list[str | None]]:
+    """Per sample: a variant drawn from the mix (among those the sample has), or none (dropout: no tokens). A
+    random-length variant (`dense@random`) cuts its base's caption text per draw and `cut` encodes the cuts; the
+    chosen variant then reads `dense@N`."""
     names = [v for v, p in mix.items() if p > 0]
+    stored = [stored_variant(v) for v in names]
     probs = np.array([mix[v] for v in names], dtype=np.float64)
     draws, drops = rng.random(len(samples)), rng.random(len(samples)) < dropout
-    feats, chosen = [], []
-    for s, u, drop in zip(samples, draws, drops):
-        have = np.array([v in s["text"] for v in names])
+    randoms = any(v != s for v, s in zip(names, stored))
+    lengths = rng.random(len(samples)) if randoms else None  # after the mix's draws: other mixes keep their order
+    feats, chosen, pending = [], [], []
+    for i, (s, u, drop) in enumerate(zip(samples, draws, drops)):
+        have = np.array([v in s["text"] for v in stored])
         if not have.any():
-            raise ValueError(f"sample {s['key']} has none of the caption variants {names}")
+            raise ValueError(f"sample {s['key']} has none of the caption variants {stored}")
         p = probs * have
-        variant = names[min(int(np.searchsorted(np.cumsum(p / p.sum()), u, side="right")), len(names) - 1)]
-        text = s["text"][variant]
-        feats.append(text[:0] if drop else text)
-        chosen.append(None if drop else variant)
+        k = min(int(np.searchsorted(np.cumsum(p / p.sum()), u, side="right")), len(names) - 1)
+        text = s["text"][stored[k]]
+        if drop:
+            feats.append(text[:0])
+            chosen.append(None)
+            continue
+        feats.append(text)
+        chosen.append(names[k])
+        if names[k] != stored[k]:
+            caption = s["meta"].get("captions", {}).get(stored[k])
+            if not isinstance(caption, str):
+                raise ValueError(f"sample {s['key']} stores no {stored[k]!r} caption text to cut for {names[k]}")
+            cut_text, n = draw_cut(caption, float(lengths[i]))
+            if n < len(caption.split()):  # a draw of every word keeps the stored features
+                pending.append((i, cut_text))
+            chosen[i] = truncated(stored[k], n)
+    if pending:
+        if cut is None:
+            raise ValueError(f"the caption mix {names} cuts captions per draw but the loader has no text encoder")
+        for (i, _), f in zip(pending, cut.encode([t for _, t in pending])):
+            feats[i] = f
     return feats, chosen
 
 
 def collate(samples: list[dict], mix: dict[str, float], dropout: float, rng: np.random.Generator,
-            step: int, bucket: str) -> Batch:
-    feats, variants = choose_captions(samples, mix, dropout, rng)
+            step: int, bucket: str, cut: CaptionCut | None = None) -> Batch:
+    feats, variants = choose_captions(samples, mix, dropout, rng, cut)
     text, mask = pad_features(feats)
     latents = torch.stack([s["latent"] for s in samples])
     return Batch(step, bucket, latents, text, mask, [s["key"] for s in samples], variants)
@@ -287,6 +311,8 @@ class Loader:
         w = np.array([shards.buckets[b].samples / cfg.batch_size_for(shards.buckets[b].base) for b in self.names])
         self.probs = w / w.sum()
         state = state or {}
+        randoms = any(stored_variant(v) != v for v in cfg.data.captions)
+        self.cut = CaptionCut(shards.encoders) if randoms else None  # per-draw random-length captions
         self.step = state.get("step", 0)
         holdout = cfg.data.holdout
         self.streams = {b: BucketStream(shards.buckets[b], rank, world, cfg.seed, cfg.data.shuffle_buffer,
@@ -306,7 +332,8 @@ class Loader:
         size = self.cfg.batch_size_for(self.buckets[bucket].base)
         stream = self.streams[bucket]
         samples = [read_sample(next(stream)) for _ in range(size)]
-        batch = collate(samples, self.cfg.data.captions, self.cfg.data.caption_dropout, rng, self.step, bucket)
+        batch = collate(samples, self.cfg.data.captions, self.cfg.data.caption_dropout, rng, self.step, bucket,
+                        self.cut)
         self.step += 1
         batch.position = copy.deepcopy(self.state())
         return batch
@@ -373,8 +400,8 @@ class inline:
 
 def holdout_batches(shards: ShardSet, cfg: TrainConfig, samples: int, batch_size: int) -> list[Batch]:
     """The first `samples` held-out samples in index order, as fixed bucket-homogeneous batches with the mix's
-    most likely caption variant (no dropout): every rank builds the same list."""
-    variant = max(cfg.data.captions, key=cfg.data.captions.get)
+    most likely caption variant or `val.captions` (no dropout): every rank builds the same list."""
+    variant = cfg.val.captions or stored_variant(max(cfg.data.captions, key=cfg.data.captions.get))
     found: dict[str, list[dict]] = {}
     total = 0
     for name in sorted(shards.buckets):

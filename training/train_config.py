@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inference.config import ModelConfig, get_preset, list_models
+from training.caption_variants import stored_variant
 from training.precompute_config import BucketsConfig
 
 
@@ -46,6 +47,8 @@ class DataConfig(_Strict):
     def _mix(cls, mix: dict[str, float]) -> dict[str, float]:
         if not mix or any(p < 0 for p in mix.values()) or sum(mix.values()) <= 0:
             raise ValueError(f"caption mix {mix} needs at least one variant with a positive weight")
+        for name in mix:
+            stored_variant(name)  # ValueError naming a malformed one
         return mix
 
     @field_validator("batch_sizes")
@@ -99,6 +102,16 @@ class ValConfig(_Strict):
     samples: int = Field(64, ge=1, description="held-out samples used (the first ones found, fixed)")
     timesteps: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
     batch_size: int = Field(32, ge=1)
+    captions: str | None = Field(None, description="stored caption variant of the validation loss; None = the "
+                                 "mix's most likely (a random-length one: its base). Runs that train on different "
+                                 "captions compare their curves on one variant (lensforge ablate sets dense)")
+
+    @field_validator("captions")
+    @classmethod
+    def _stored(cls, name: str | None) -> str | None:
+        if name is not None and stored_variant(name) != name:
+            raise ValueError(f"val.captions {name!r} is cut per draw; name a stored variant ({stored_variant(name)})")
+        return name
 
 
 class SampleConfig(_Strict):
