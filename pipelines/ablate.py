@@ -1,57 +1,43 @@
-"""`lensforge ablate caption-density`: one model per caption variant with everything else equal (model, recipe,
-steps, seed, shard set and so data order), each scored for prompt adherence with 95 % intervals and the chance
-level — CPU-RECIPES.md's "caption-density effect", as a command.
+"""`lensforge ablate caption-density`: one model per caption arm with everything else equal (model, recipe, steps,
+seed, shard set and so data order), each scored for prompt adherence in three prompt styles, with intervals from a
+bootstrap over seeds and prompts together — Lens Fig. 4's brief / detailed / mixed comparison, as a command.
 
-    lensforge ablate caption-density --data abl/data --out abl/density                  # 3 × 1,200 steps, ≈ 32 min
-    lensforge ablate caption-density --data abl/data --out abl/density --seeds 3        # the same out: adds seeds
-    lensforge ablate caption-density --data abl/data --out abl/sweep --variants dense --sweep-words 7,15,23
-    lensforge ablate caption-density ... --variants dense,mix:dense=0.5+alt=0.5         # a caption mix is a variant
+    lensforge ablate caption-density --data abl/data --out abl/density --world rich             # the five arms
+    lensforge ablate caption-density --data abl/data --out abl/density --world rich --seeds 3   # adds seeds
+    lensforge ablate caption-density ... --sweep-words 8,16,32,64                               # + a length sweep
 
-DATA: shards holding every caption variant named (a `mix:` names several; `--sweep-words 7,15` adds `dense@7`,
-`dense@15`, the dense caption cut to its first N words). The synthetic-scene data, in one command:
+Arms (--variants; any caption mix works too, e.g. `mix:dense=0.7+alt=0.3` or `dense@15`):
 
-    lensforge demo --out abl --set caption.variants=[dense,short] \\
-        --set precompute.variants=[dense,short,alt,dense@7,dense@15,dense@23] --until precompute   # DATA = abl/data
+    alt             the web's alt text                      short           one brief sentence
+    dense           the whole description                   mixed           dense or short, 50/50 per draw
+    random-length   dense cut to a uniformly drawn number of words per draw (`dense@random`)
 
-A scenes dense caption opens with "Two objects on a plain white background." (7 words), then 7–8 words per object
-("A large red circle in the top left."): 7, 15 and 23 words keep the count and background, then the first object,
-then the second. Captions from a captioner (~100 words) suit a sweep like 5,15,40,100.
+The mix and the per-draw cut are the trainer's caption mix (train.data.captions); only `dense@N` is a stored copy.
+DATA holds the stored variants the arms read; for the synthetic scenes, in one command:
 
-A shard set that lacks a variant is refused with the exact `lensforge precompute` command that adds it (this
-command does not run precompute: it takes Ray and minutes, and makes a new shard set).
+    lensforge demo --out abl --config docs/ablations/caption-density/study.yaml --until precompute  # DATA = abl/data
 
-The recipe: the `train:` section of --config (default configs/demo.yaml, CPU-RECIPES.md's measured recipe) with
---set overrides; per run only `data.captions` (the variant's mix), `seed` (base seed + k for seed k) and
-`max_steps` (--steps) change. The data order of a seed is the same for every variant: the loader's draws depend on
-(seed, step) and the shard set only. Each run is scored on dense prompts (the common yardstick) and, where the
-variant's main caption has a scenes style, on prompts in that style: `short` → short, `alt` → tags (like alt text,
-a bare "colour shape" phrase; no scenes style has alt's single wrong-ish object), `X@N` → X's prompts cut to N words.
-CPU-RECIPES.md: a short-caption model reacts oddly to dense prompts, so both are reported.
+Per run only `data.captions` (the arm's mix), `seed` (base seed + k), `max_steps` (--steps), the checkpoint cadence
+and `val.captions` (dense for every run: one caption style, so the validation curves compare) change. The data
+order of a seed is the same for every arm: the loader's draws depend on (seed, step) and the shard set only.
+Evaluations (pipelines/ablate_eval.py): dense, short and the arm's own prompts at the last step; and, for the
+time-matched view, once a seed's arms are trained, each slower arm on dense prompts at its checkpoint (one every
+--time-every steps) nearest to the fastest arm's training time. The sweep's runs (`dense@N`) take the first
+--sweep-seeds seeds and are scored on dense and their own (cut) prompts.
 
-Outputs in OUT: runs/<variant>-s<seed>/ (a `lensforge train` run, plus adherence-dense.json and adherence-own.json
-and their sample grids), results.csv, results.md, adherence.png, val_loss.png, words.png, sweep.png (with
---sweep-words), README.md (the command and the numbers), ablate.json (settings, shard set, command) and
-config.train.yaml (the resolved base recipe, a valid --config file). Killed or interrupted: run the same command;
-finished training and evaluations are skipped. OUT refuses a rerun that would train differently (other --steps,
-recipe or shard set); other evaluation settings (--per-category 64, --sample-steps ...) re-score its models.
-
-Budget, measured on 2 otherwise idle CPU cores on the demo's scenes (1,625 images, 3 % held out): tiny at batch 64
-takes 0.59 s a step on dense captions (≈ 40 text tokens), 0.44 on short and 0.38 on alt, so 1,200 steps take
-8–12 min; an evaluation of 192 prompts (32 a category, 25 steps, CFG 4) ≈ 25 s; alt,short,dense ≈ 32 min in all
-(1,400 steps ≈ 36 min), more while other jobs share the cores. At 32 prompts a category the overall interval is
-about ±0.07 (±0.17 per category); the seed-to-seed spread is the larger unknown.
-
-Larger runs: --seeds 3 (≈ 1 h 35 min on the CPU; rerunning an OUT with a higher count adds the seeds),
---per-category 64 (±0.05; rerunning re-scores the models), --steps 2500 for better shapes (CPU-RECIPES.md). On a
-GPU (not measured here) the same command trains and samples on cuda in bf16 (`train.precision: auto`); there use
---steps 5000 --seeds 3 --per-category 64 --eval-batch-size 256, and split the variants over GPUs: one command per
-GPU (CUDA_VISIBLE_DEVICES=i, a subset of --variants, the same --out), then the full command once more to write the
-combined report.
+Outputs in OUT: runs/<arm>-s<seed>/ (a `lensforge train` run, its adherence-*.json and sample grids, and
+trained.json: steps and training seconds, so a study copied without its checkpoints keeps its numbers),
+results.csv, results.md, README.md and the plots (pipelines/ablate_report.py), ablate.json (settings, shard set,
+command), config.train.yaml (the resolved base recipe). Killed or interrupted: run the same command; finished
+training and evaluations are skipped. OUT refuses a rerun that would train differently (other --steps, world, recipe
+or shard set); other evaluation settings re-score its models. The budget of the published study, and the settings
+for a GPU: docs/ablations/caption-density/README.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,21 +46,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.atomic import write_json
 from pipelines.ablate_data import resolve_shard_set, words_json
-from training.caption_variants import split_variant, truncated
+from training.caption_variants import split_variant, stored_variant, truncated
 from training.train_config import TrainConfig
 
 STUDIES = ("caption-density",)
-DEFAULT_VARIANTS = "alt,short,dense"
-DEFAULT_STEPS = 1200  # tiny, batch 64, 2 CPU cores: 12 min on dense captions (0.59 s/step), 8 on alt (0.38)
-DEFAULT_PER_CATEGORY = 32  # 192 prompts an evaluation: ≈ 25 s on 2 cores at 25 steps with CFG 4
+# Named arms → their caption mix (the syntax of parse_variant).
+ARMS = {"alt": "alt", "short": "short", "dense": "dense", "mixed": "mix:dense=0.5+short=0.5",
+        "random-length": "dense@random"}
+DEFAULT_VARIANTS = "alt,short,dense,mixed,random-length"
+DEFAULT_STEPS = 600  # the published study's (docs/ablations/caption-density/README.md: its budget)
+DEFAULT_PER_CATEGORY = 16  # × 11 rich categories = 176 prompts an evaluation
 DEFAULT_EVAL_BATCH = 16  # on 2 cores 16 samples faster than 64 (13 s vs 15 s for 96 prompts)
-YARDSTICK = "dense"  # every model is scored on dense prompts
-# Caption variant → the scenes style of prompts "in its own style" (scenes.describe.STYLES).
-OWN_STYLE = {"dense": "dense", "medium": "medium", "short": "short", "tags": "tags", "alt": "tags"}
+VAL_CAPTIONS = "dense"  # every run's validation loss: one caption style, so the curves compare
 RECORD = "ablate.json"
+TRAINED = "trained.json"  # RUN/trained.json: {"steps", "seconds"}, written when training ends
 # Train settings that cannot change a number (or that each run sets itself): free to differ on a rerun.
 NOT_IN_IDENTITY = {"progress": True, "log_every": True, "checkpoint_every": True, "keep_checkpoints": True,
-                   "max_steps": True, "data": {"captions", "shard_set", "prefetch"}}
+                   "max_steps": True, "data": {"captions", "shard_set", "prefetch"}, "val": {"captions"}}
 
 
 class AblateSettings(BaseModel):
@@ -86,8 +74,11 @@ class AblateSettings(BaseModel):
     variants: list[str] = Field(min_length=1)
     seeds: int = Field(1, ge=1)
     steps: int = Field(DEFAULT_STEPS, ge=1)
+    world: str = "basic"
     sweep_words: list[int] = []
     sweep_base: str = "dense"
+    sweep_seeds: int = Field(1, ge=1)
+    time_every: int = Field(25, ge=0, description="checkpoint cadence of the time-matched view (0: off)")
     per_category: int = Field(DEFAULT_PER_CATEGORY, ge=1)
     sample_steps: int = Field(25, ge=1)
     cfg: float = Field(4.0, ge=0)
@@ -98,15 +89,16 @@ class AblateSettings(BaseModel):
     def identity(self) -> dict:
         """What a rerun into the same OUT must share with the first run: what the trained models depend on.
         Variants and seeds may grow; other evaluation settings re-score the finished models."""
-        return self.model_dump(include={"study", "steps"})
+        return self.model_dump(include={"study", "steps", "world"})
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A trained variant: `dense` (one caption variant), `dense@15` (truncated) or `mix:dense=0.5+alt=0.5`."""
+    """A trained arm: a name (`mixed`, `dense@15`, `mix:dense=0.7+alt=0.3`) and its caption mix."""
 
     name: str
     mix: dict[str, float] = field(hash=False)
+    sweep: bool = False  # a length-sweep run: first --sweep-seeds seeds, dense and own prompts only
 
     @property
     def slug(self) -> str:
@@ -115,25 +107,23 @@ class Variant:
     def run_dir(self, out: Path, seed: int) -> Path:
         return out / "runs" / f"{self.slug}-s{seed}"
 
-    def prompt_sets(self) -> dict[str, tuple[str, int | None]]:
-        """Evaluation name → (scenes style, words or None): always dense; `own` where the main variant of the mix
-        (the largest weight, the first of ties) has a scenes style other than plain dense."""
-        sets = {YARDSTICK: (YARDSTICK, None)}
-        base, words = split_variant(max(self.mix, key=self.mix.get))
-        style = OWN_STYLE.get(base)
-        if style is not None and (style, words) != (YARDSTICK, None):
-            sets["own"] = (style, words)
-        return sets
+    def prompt_sets(self) -> dict[str, dict]:
+        from pipelines.ablate_eval import prompt_sets
+
+        sets = prompt_sets(self.mix)
+        return {k: v for k, v in sets.items() if k != "short"} if self.sweep else sets
 
 
-def parse_variant(text: str) -> Variant:
-    """`dense` → {dense: 1}; `mix:dense=0.5+alt=0.5` → {dense: 0.5, alt: 0.5}; ValueError saying what is wrong."""
+def parse_variant(text: str, sweep: bool = False) -> Variant:
+    """`mixed` → ARMS' mix; `dense` → {dense: 1}; `mix:dense=0.5+alt=0.5` → {dense: 0.5, alt: 0.5}; ValueError
+    saying what is wrong."""
     text = text.strip()
-    if not text.startswith("mix:"):
-        split_variant(text)
-        return Variant(text, {text: 1.0})
+    spec = ARMS.get(text, text)
+    if not spec.startswith("mix:"):
+        stored_variant(spec)
+        return Variant(text, {spec: 1.0}, sweep)
     mix: dict[str, float] = {}
-    for part in text[4:].split("+"):
+    for part in spec[4:].split("+"):
         name, sep, weight = part.partition("=")
         try:
             value = float(weight)
@@ -142,113 +132,82 @@ def parse_variant(text: str) -> Variant:
         if not sep or value <= 0:
             raise ValueError(f"variant {text!r}: {part!r} is not NAME=WEIGHT with a positive weight "
                              "(e.g. mix:dense=0.5+alt=0.5)")
-        split_variant(name)
+        stored_variant(name)
         if name in mix:
             raise ValueError(f"variant {text!r}: {name} appears twice")
         mix[name] = value
-    return Variant(text, mix)
+    return Variant(text, mix, sweep)
 
 
 def study_variants(variants: str, sweep_words: list[int], sweep_base: str = "dense") -> list[Variant]:
     """--variants, then one `<base>@<N>` per --sweep-words entry; a name given twice counts once."""
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    names += [truncated(sweep_base, n) for n in sweep_words]
-    if not names:
+    if not names and not sweep_words:
         raise ValueError("--variants names no variant")
-    return [parse_variant(name) for name in dict.fromkeys(names)]
+    out = {name: parse_variant(name) for name in names}
+    for n in sweep_words:
+        name = truncated(sweep_base, n)
+        out.setdefault(name, parse_variant(name, sweep=True))
+    return list(out.values())
 
 
 def needed_variants(variants: list[Variant]) -> list[str]:
-    return list(dict.fromkeys(v for variant in variants for v in variant.mix))
+    """The stored caption variants the arms read (a random-length one reads its base), validation's included."""
+    return list(dict.fromkeys([VAL_CAPTIONS] + [stored_variant(v) for variant in variants for v in variant.mix]))
+
+
+def run_seeds(variant: Variant, s: AblateSettings, base_seed: int) -> list[int]:
+    return [base_seed + k for k in range(s.sweep_seeds if variant.sweep else s.seeds)]
 
 
 # --- one run: train, then evaluate ----------------------------------------------------------------------------
 
 
-def run_config(base: TrainConfig, variant: Variant, seed: int, steps: int) -> TrainConfig:
+def run_config(base: TrainConfig, variant: Variant, seed: int, steps: int, every: int = 0) -> TrainConfig:
+    """The base recipe with this arm's captions, seed and steps; with `every`, a checkpoint every that many steps,
+    all kept (the time-matched view picks one; pipelines/ablate_eval.py prunes the rest)."""
     raw = base.model_dump()
     raw["data"] = {**raw["data"], "captions": dict(variant.mix), "shard_set": None}
-    return TrainConfig.model_validate({**raw, "seed": seed, "max_steps": steps})
+    raw["val"] = {**raw["val"], "captions": VAL_CAPTIONS}
+    cadence = {"checkpoint_every": every, "keep_checkpoints": math.ceil(steps / every) + 1} if every else {}
+    return TrainConfig.model_validate({**raw, "seed": seed, "max_steps": steps, **cadence})
 
 
-def trained_to(run: Path) -> int:
-    from inference.checkpoint import step_of
-    from training.train_checkpoint import complete_checkpoints
+def trained(run: Path) -> dict | None:
+    path = run / TRAINED
+    return json.loads(path.read_text()) if path.is_file() else None
 
-    found = complete_checkpoints(run)
-    return step_of(found[-1]) if found else 0
+
+def train_seconds(run: Path) -> dict[int, float]:
+    """Step → seconds of training up to it (the trainer's step_s, data wait included, summed over the logged
+    windows; validation and checkpoint writes not counted): a killed and resumed run counts each step once."""
+    path = run / "metrics.jsonl"
+    windows: dict[int, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("kind") == "train":
+                windows[record["step"]] = record["step_s"]
+    total, last, out = 0.0, 0, {}
+    for step in sorted(windows):
+        total += windows[step] * (step - last)
+        last, out[step] = step, round(total, 2)
+    return out
 
 
 def train_run(cfg: TrainConfig, set_dir: Path, run: Path) -> bool:
-    """Train (or finish training) one run; False if it was already done."""
+    """Train (or finish training) one run, then write RUN/trained.json; False if it was already done."""
     from training.trainer import TrainingStopped, train
 
-    if trained_to(run) >= cfg.max_steps:
+    done = trained(run)
+    if done and done.get("steps", 0) >= cfg.max_steps:
         return False
     try:
         train(cfg, set_dir, run, resume=True)
     except TrainingStopped as err:
         raise RuntimeError(f"{run.name}: {err}") from None
+    write_json(run / TRAINED, {"steps": cfg.max_steps, "seconds": train_seconds(run).get(cfg.max_steps)})
     return True
-
-
-def prompt_items(per_category: int, style: str, words: int | None) -> list:
-    from dataclasses import replace
-
-    from scenes.adherence import prompt_set
-    from training.caption_variants import truncate_words
-
-    items = prompt_set(per_category=per_category, style=style)
-    return items if words is None else [replace(it, prompt=truncate_words(it.prompt, words)) for it in items]
-
-
-def eval_settings(s: AblateSettings, style: str, words: int | None, seed: int, step: int) -> dict:
-    return {"style": style, "words": words, "per_category": s.per_category, "steps": s.sample_steps, "cfg": s.cfg,
-            "size": s.size, "seed": 100_000 * seed, "step": step}
-
-
-def eval_done(path: Path, expected: dict) -> bool:
-    if not path.is_file():
-        return False
-    found = json.loads(path.read_text()).get("settings", {})
-    return all(found.get(k) == v for k, v in expected.items())
-
-
-def evaluate_run(run: Path, variant: Variant, s: AblateSettings, seed: int) -> int:
-    """OUT/runs/<run>/adherence-<name>.json and samples-<name>.png for each prompt set not yet scored; how many."""
-    todo = {name: eval_settings(s, style, words, seed, s.steps) for name, (style, words) in
-            variant.prompt_sets().items()}
-    todo = {name: e for name, e in todo.items() if not eval_done(run / f"adherence-{name}.json", e)}
-    if not todo:
-        return 0
-    import torch
-
-    from inference.checkpoint import resolve_checkpoint
-    from inference.generate import Pipeline, make_grid
-    from scenes.adherence import evaluate
-
-    weights, spec = resolve_checkpoint(run=run)  # EMA weights
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device
-    pipe = Pipeline.load(weights, spec, device=device, autocast=torch.bfloat16 if device.startswith("cuda") else None)
-    for name, settings in todo.items():
-        items = prompt_items(s.per_category, settings["style"], settings["words"])
-        images: list = []
-
-        def generate(prompts, seeds):
-            batch = pipe.generate(prompts, s.size, s.size, steps=s.sample_steps, cfg=s.cfg, seeds=seeds,
-                                  batch_size=s.eval_batch_size)
-            images.extend(batch)
-            return batch
-
-        began = time.perf_counter()
-        result = evaluate(generate, items, size=s.size, seed=settings["seed"])
-        make_grid(images, cols=s.per_category).save(run / f"samples-{name}.png")  # a row per category
-        record = {"settings": {**settings, "checkpoint": str(weights), "device": device,
-                               "seconds": round(time.perf_counter() - began, 2)}, **result.to_dict()}
-        write_json(run / f"adherence-{name}.json", record)
-        cut = "" if settings["words"] is None else f" cut to {settings['words']} words"
-        print(f"ablate: {run.name} on {name} prompts ({settings['style']}{cut}): adherence {result.overall.text()}")
-    return len(todo)
 
 
 # --- the study ------------------------------------------------------------------------------------------------
@@ -286,7 +245,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def run_ablation(s: AblateSettings, base: TrainConfig, data: str | Path, out: str | Path, config_file: str | Path,
                  command: str) -> Path:
-    """Train and evaluate every (variant, seed) not yet done, seed by seed, then write the report; OUT/README.md."""
+    """Train and evaluate every (arm, seed) not yet done, seed by seed, then write the report; OUT/README.md."""
+    from pipelines.ablate_eval import evaluate_run, evaluate_time_matched
     from pipelines.ablate_report import write_report
     from pipelines.config import save_resolved
 
@@ -308,17 +268,21 @@ def run_ablation(s: AblateSettings, base: TrainConfig, data: str | Path, out: st
             base_name, n = split_variant(name)
             print(f"ablate: {name} cuts no caption (every {base_name} caption has ≤ {n} words): it trains on "
                   f"the same captions as {base_name}")
-    seeds = [base.seed + k for k in range(s.seeds)]
-    jobs = [(v, seed) for seed in seeds for v in variants]
+    top = max(s.seeds, s.sweep_seeds if s.sweep_words else 1)
+    jobs = [(v, base.seed + k) for k in range(top) for v in variants if base.seed + k in run_seeds(v, s, base.seed)]
     for i, (variant, seed) in enumerate(jobs, 1):
         run = variant.run_dir(out, seed)
-        cfg = run_config(base, variant, seed, s.steps)
+        cfg = run_config(base, variant, seed, s.steps, 0 if variant.sweep else s.time_every)
         began = time.time()
         print(f"ablate: [{i}/{len(jobs)}] {run.name}: captions {variant.mix}, seed {seed}, {s.steps} steps",
               flush=True)
-        trained, evaluated = train_run(cfg, set_dir, run), evaluate_run(run, variant, s, seed)
-        what = "finished earlier, skipped" if not (trained or evaluated) else f"done in {time.time() - began:.0f} s"
+        did_train = train_run(cfg, set_dir, run)
+        evaluated = evaluate_run(run, variant.prompt_sets(), s, seed)
+        if s.time_every and not any(seed == j[1] for j in jobs[i:]):  # the seed's last run: its time-matched view
+            evaluated += evaluate_time_matched({v.name: v.run_dir(out, seed) for v in variants if not v.sweep}, s,
+                                               seed)
+        what = "finished earlier, skipped" if not (did_train or evaluated) else f"done in {time.time() - began:.0f} s"
         print(f"ablate: [{i}/{len(jobs)}] {run.name} {what}", flush=True)
-        if (trained or evaluated) and i < len(jobs):
-            write_report(out, s, variants, seeds, words, command)  # what is finished so far, readable meanwhile
-    return write_report(out, s, variants, seeds, words, command)
+        if (did_train or evaluated) and i < len(jobs):
+            write_report(out, s, variants, base.seed, words, command)  # what is finished so far, readable meanwhile
+    return write_report(out, s, variants, base.seed, words, command)

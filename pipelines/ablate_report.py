@@ -1,17 +1,14 @@
-"""The numbers and pictures of `lensforge ablate caption-density` (pipelines/ablate.py), from what the runs wrote.
+"""The numbers of `lensforge ablate caption-density` (pipelines/ablate.py), from what the runs wrote.
 
-    OUT/results.csv    one row per (variant, prompt set): words/caption, final val loss, overall and per-category
-                       adherence with 95 % CI, chance, per-seed overall
-    OUT/results.md     the same as tables; OUT/README.md: the command and a reading that states numbers
-    OUT/adherence.png  per category per variant, CI error bars, chance as black ticks (dense and own-style prompts)
-    OUT/val_loss.png   validation loss against step, one line per run
-    OUT/words.png      words per caption per variant (mean ± std over the training captions)
-    OUT/sweep.png      with --sweep-words: overall adherence against words per caption
+    OUT/results.csv    one row per (arm, prompt set): words/caption, seeds, training seconds, final val loss (dense
+                       captions), overall and per-category adherence with 95 % CI, chance, per-seed overall
+    OUT/results.md     the tables: arms × prompt styles, paired differences, per category, time-matched, sweep
+    OUT/README.md      the command, a reading that states the numbers, the tables, the pictures
+    OUT/*.png          pipelines/ablate_plots.py
 
-Seeds are pooled: a variant's items from all seeds are bootstrapped together (scenes.adherence_report), so an
-interval covers the prompts' sampling, not the seed-to-seed spread, which the tables give separately. The chance
-level is recomputed per run from the stored items exactly as `scenes.adherence.score` does (each image against the
-other prompts of its category), then pooled the same way.
+Intervals come from the bootstrap over seeds and prompts together (pipelines/ablate_stats.py). The time-matched
+view: per seed, T = the fastest arm's training seconds; every slower arm's dense-prompt adherence at its checkpoint
+nearest T (one every --time-every steps), the fastest arm's at its end; then bootstrapped the same way.
 """
 
 from __future__ import annotations
@@ -23,64 +20,41 @@ from pathlib import Path
 
 import numpy as np
 
-from scenes.adherence import CATEGORIES, passes
-from scenes.adherence_report import Result, summarize
-from scenes.scene import Scene
+from pipelines import ablate_stats as stats
+from scenes.adherence import ALL_CATEGORIES
+from scenes.adherence_report import Estimate
 
-PROMPT_SETS = ("dense", "own")
-
-
-@dataclass
-class Scores:
-    """One variant's evaluation on one prompt set, seeds pooled."""
-
-    style: str
-    result: Result
-    per_seed: list[float]  # overall adherence of each seed's model
+# Differences read on every prompt style, when both arms exist: Lens Fig. 4's ordering first.
+PAIRS = (("dense", "mixed"), ("mixed", "short"), ("dense", "short"), ("dense", "alt"), ("random-length", "dense"),
+         ("random-length", "mixed"))
 
 
 @dataclass
 class Row:
     variant: str
     mix: dict[str, float]
+    sweep: bool
     words: float
-    val: list[list[tuple[int, float]]]  # per seed: (step, val_loss)
-    missing: list[int] = field(default_factory=list)  # seeds whose runs are not evaluated (yet)
-    scores: dict[str, Scores] = field(default_factory=dict)
+    seeds: list[int]
+    val: dict[int, list[tuple[int, float]]]  # seed → (step, val loss on dense captions)
+    clock: dict[int, dict[int, float]]  # seed → step → training seconds
+    seconds: dict[int, float]  # seed → training seconds of the whole run
+    tables: dict[str, tuple[stats.Table, stats.Table, list[int], str]] = field(default_factory=dict)
+    # prompt set → (pass table, chance table, its seeds, style label)
+    points: dict[int, tuple[int, float, stats.Table]] = field(default_factory=dict)
+    # seed → (step, time limit, one-seed dense table) of the time-matched evaluation
 
     @property
     def final_val(self) -> float | None:
-        last = [curve[-1][1] for curve in self.val if curve]
+        last = [curve[-1][1] for curve in self.val.values() if curve]
         return float(np.mean(last)) if last else None
 
+    @property
+    def median_seconds(self) -> float | None:
+        return float(np.median(list(self.seconds.values()))) if self.seconds else None
 
-def item_values(record: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:
-    """Per category: each item's pass (0/1) and its chance value (its image against the category's other prompts)."""
-    items = record["items"]
-    targets = [Scene.from_dict(it["target"]) for it in items]
-    parsed = [Scene.from_dict(it["parsed"]) for it in items]
-    hits, chance = {}, {}
-    for category in CATEGORIES:
-        index = [i for i, it in enumerate(items) if it["category"] == category]
-        if not index:
-            continue
-        hits[category] = np.array([items[i]["passed"] for i in index], dtype=np.float64)
-        chance[category] = np.array([np.mean([passes(category, targets[j], parsed[i]) for j in index if j != i])
-                                     for i in index]) if len(index) > 1 else None
-    return hits, chance
-
-
-def pooled(records: list[dict]) -> Result:
-    """One Result over several runs' items (category by category, in run order)."""
-    hits: dict[str, list] = {}
-    chance: dict[str, list | None] = {}
-    for record in records:
-        h, c = item_values(record)
-        for category, values in h.items():
-            hits.setdefault(category, []).append(values)
-            chance.setdefault(category, []).append(c[category])
-    chance_cat = {k: None if any(v is None for v in vs) else np.concatenate(vs) for k, vs in chance.items()}
-    return summarize({k: np.concatenate(vs) for k, vs in hits.items()}, chance_cat, ())
+    def estimate(self, name: str) -> dict[str, Estimate] | None:
+        return stats.crossed(self.tables[name][0]) if name in self.tables else None
 
 
 def val_curve(run: Path) -> list[tuple[int, float]]:
@@ -96,283 +70,221 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def collect(out: Path, variants: list, seeds: list[int], words: dict[str, dict]) -> list[Row]:
-    from pipelines.ablate_data import mix_words
+def arm_words(words: dict[str, dict], mix: dict[str, float]) -> float:
+    """Expected words per training caption of a mix (a random cut of n words keeps (n + 1) / 2 on average)."""
+    from training.caption_variants import random_base
+
+    total = sum(mix.values())
+    return sum(p / total * ((words[random_base(v)]["mean"] + 1) / 2 if random_base(v) else words[v]["mean"])
+               for v, p in mix.items())
+
+
+def _style(settings: dict) -> str:
+    if settings.get("own"):
+        return "+".join(f"{s}{'' if c is None else f'@{c}'}" for s, c, _ in settings["own"])
+    return settings["style"] + ("" if settings.get("words") is None else f"@{settings['words']}")
+
+
+def collect(out: Path, variants: list, s, base_seed: int, words: dict[str, dict]) -> list[Row]:
+    from pipelines.ablate import run_seeds, train_seconds, trained
 
     rows = []
     for variant in variants:
-        runs = [variant.run_dir(out, seed) for seed in seeds]
-        row = Row(variant.name, variant.mix, mix_words(words, variant.mix), [val_curve(r) for r in runs],
-                  [seed for seed, r in zip(seeds, runs) if not (r / "adherence-dense.json").is_file()])
-        for name in PROMPT_SETS:
-            records = [json.loads(p.read_text()) for r in runs if (p := r / f"adherence-{name}.json").is_file()]
-            if records:
-                s = records[0]["settings"]
-                style = s["style"] + ("" if s.get("words") is None else f"@{s['words']}")
-                row.scores[name] = Scores(style, pooled(records), [r["overall"]["mean"] for r in records])
+        seeds = run_seeds(variant, s, base_seed)
+        runs = {seed: variant.run_dir(out, seed) for seed in seeds}
+        done = {seed: trained(run) for seed, run in runs.items()}
+        row = Row(variant.name, variant.mix, variant.sweep, arm_words(words, variant.mix), seeds,
+                  {seed: val_curve(r) for seed, r in runs.items()},
+                  {seed: train_seconds(r) for seed, r in runs.items()},
+                  {seed: d["seconds"] for seed, d in done.items() if d and d.get("seconds") is not None})
+        for name in variant.prompt_sets():
+            found = [(seed, json.loads(p.read_text())) for seed, r in runs.items()
+                     if (p := r / f"adherence-{name}.json").is_file()]
+            if found:
+                hits, chance = stats.item_table([rec for _, rec in found])
+                row.tables[name] = (hits, chance, [seed for seed, _ in found], _style(found[0][1]["settings"]))
+        for seed, run in runs.items():
+            for path in sorted(run.glob("adherence-dense-step*.json")):
+                record = json.loads(path.read_text())
+                row.points[seed] = (record["settings"]["step"], record["settings"]["time_limit"],
+                                    stats.item_table([record])[0])
         rows.append(row)
     return rows
+
+
+# --- derived views ------------------------------------------------------------------------------------------------
+
+
+def time_matched(rows: list[Row]) -> tuple[float | None, dict[str, tuple[float, dict[str, Estimate]] | None]]:
+    """T (the median over seeds of the fastest arm's training seconds) and, per arm, (mean step it was read at,
+    dense-prompt adherence at T): per seed the checkpoint nearest T (pipelines/ablate_eval.py), or the last one
+    for the seed's fastest arm; None for an arm with no seed read yet."""
+    arms = [r for r in rows if not r.sweep and r.seconds]
+    limits = {}
+    for seed in {seed for r in arms for seed in r.seconds}:
+        times = [r.seconds.get(seed) for r in arms]
+        if all(t is not None for t in times):
+            limits[seed] = min(times)
+    if not limits:
+        return None, {}
+    out: dict[str, tuple[float, dict[str, Estimate]] | None] = {}
+    for row in arms:
+        tables, steps = [], []
+        for seed, limit in limits.items():
+            if seed in row.points and row.points[seed][1] == limit:
+                steps.append(row.points[seed][0])
+                tables.append(row.points[seed][2])
+            elif row.seconds.get(seed) == limit and "dense" in row.tables and seed in row.tables["dense"][2]:
+                k = row.tables["dense"][2].index(seed)
+                steps.append(max(row.clock.get(seed, {0: 0})))
+                tables.append({c: t[k:k + 1] for c, t in row.tables["dense"][0].items()})
+        out[row.variant] = (float(np.mean(steps)), stats.crossed(stats.stack(tables))) if tables else None
+    return float(np.median(list(limits.values()))), out
+
+
+def differences(rows: list[Row], name: str) -> list[tuple[str, str, dict[str, Estimate]]]:
+    by = {r.variant: r for r in rows if name in r.tables}
+    return [(a, b, stats.crossed_difference(by[a].tables[name][0], by[b].tables[name][0]))
+            for a, b in PAIRS if a in by and b in by]
 
 
 # --- tables ---------------------------------------------------------------------------------------------------
 
 
-def _ci(e) -> str:
-    return "–" if e is None else e.text(2)
+def _ci(e: Estimate | None, digits: int = 2) -> str:
+    return "–" if e is None else e.text(digits)
 
 
-def _num(x, digits: int = 4):
-    return "" if x is None else round(float(x), digits)
+def _signed(e: Estimate) -> str:
+    return f"{e.mean:+.3f} ({e.low:+.3f} to {e.high:+.3f})"
 
 
 def write_csv(path: Path, rows: list[Row], steps: int) -> None:
-    head = ["variant", "captions", "words_per_caption", "seeds", "steps", "final_val_loss", "prompts",
-            "prompt_style", "n", "overall", "overall_low", "overall_high", "chance", "chance_low", "chance_high",
-            "seed_overall"]
-    for c in CATEGORIES:
-        head += [c, f"{c}_low", f"{c}_high", f"{c}_chance"]
+    head = ["variant", "captions", "words_per_caption", "seeds", "steps", "train_seconds", "final_val_loss_dense",
+            "prompts", "prompt_style", "n", "overall", "overall_low", "overall_high", "chance", "seed_overall"]
+    for c in ALL_CATEGORIES:
+        head += [c, f"{c}_low", f"{c}_high"]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
         for row in rows:
-            for name, sc in row.scores.items():
-                r = sc.result
-                line = [row.variant, json.dumps(row.mix), _num(row.words, 3), len(row.val), steps,
-                        _num(row.final_val), name, sc.style, sum(c.n for c in r.categories), _num(r.overall.mean),
-                        _num(r.overall.low), _num(r.overall.high), _num(r.chance and r.chance.mean),
-                        _num(r.chance and r.chance.low), _num(r.chance and r.chance.high),
-                        ";".join(f"{x:.4f}" for x in sc.per_seed)]
-                for c in CATEGORIES:
-                    cat = next((k for k in r.categories if k.category == c), None)
-                    line += ["", "", "", ""] if cat is None else [
-                        _num(cat.score.mean), _num(cat.score.low), _num(cat.score.high),
-                        _num(cat.chance and cat.chance.mean)]
+            for name, (hits, chance, seeds, style) in row.tables.items():
+                est = stats.crossed(hits)
+                line = [row.variant, json.dumps(row.mix), round(row.words, 2), len(seeds), steps,
+                        row.median_seconds and round(row.median_seconds, 1), row.final_val and round(row.final_val, 5),
+                        name, style, int(sum(h.size for h in hits.values())), round(est["overall"].mean, 4),
+                        round(est["overall"].low, 4), round(est["overall"].high, 4),
+                        round(float(np.mean([np.nanmean(chance[c]) for c in chance])), 4),
+                        ";".join(f"{x:.4f}" for x in stats.seed_means(hits))]
+                for c in ALL_CATEGORIES:
+                    line += ["", "", ""] if c not in est else [round(est[c].mean, 4), round(est[c].low, 4),
+                                                               round(est[c].high, 4)]
                 w.writerow(line)
 
 
-def markdown(rows: list[Row], settings) -> str:
+def markdown(rows: list[Row], s) -> str:
+    arms = [r for r in rows if not r.sweep]
+    sets = [n for n in ("dense", "short", "own") if any(n in r.tables for r in arms)]
     lines = ["# Caption-density ablation\n",
-             f"{len(rows)} variants × {settings.seeds} seed(s), {settings.steps} steps each; "
-             f"{settings.per_category} prompts per category × {len(CATEGORIES)} categories per evaluation, "
-             f"{settings.sample_steps} sampling steps, CFG {settings.cfg}, {settings.size}². Adherence: mean "
-             "(95 % bootstrap CI over prompts, seeds pooled); chance: the same images scored against shuffled "
-             "prompts. Validation loss: each model on the held-out images with its own main caption variant.\n",
-             "| variant | words/caption | final val loss | dense prompts | chance | own-style prompts | adherence "
-             "| chance | per-seed overall (dense) |",
-             "|---|---:|---:|---|---|---|---|---|---|"]
-    for row in rows:
-        d, o = row.scores.get("dense"), row.scores.get("own")
-        val = "–" if row.final_val is None else f"{row.final_val:.4f}"
-        lines.append(
-            f"| {row.variant} | {row.words:.1f} | {val} | {_ci(d and d.result.overall)} | "
-            f"{_ci(d and d.result.chance)} | {o.style if o else '(dense)'} | {_ci(o and o.result.overall)} | "
-            f"{_ci(o and o.result.chance)} | {', '.join(f'{x:.2f}' for x in d.per_seed) if d else '–'} |")
-    for name, title in (("dense", "dense prompts"), ("own", "own-style prompts")):
-        have = [r for r in rows if name in r.scores]
-        if not have:
-            continue
-        lines += ["", f"## Per category, {title}", "",
-                  "| variant | prompts | " + " | ".join(CATEGORIES) + " | overall |",
-                  "|---|---|" + "---|" * (len(CATEGORIES) + 1)]
-        for row in have:
-            r = row.scores[name].result
-            cells = [_ci(next((k.score for k in r.categories if k.category == c), None)) for c in CATEGORIES]
-            lines.append(f"| {row.variant} | {row.scores[name].style} | {' | '.join(cells)} | "
-                         f"**{r.overall.text(2)}** |")
+             f"{len(arms)} arms × {s.seeds} seed(s), {s.steps} steps each ({s.world} scenes); {s.per_category} "
+             f"prompts per category per evaluation, {s.sample_steps} sampling steps, CFG {s.cfg:g}, {s.size}². "
+             "Adherence: mean (95 % interval, bootstrap over seeds and prompts together). Validation loss: every "
+             "model on the same held-out images with dense captions. Training time: the trainer's step time summed "
+             "(median over seeds).\n",
+             "| arm | words/caption | seeds | training s | final val loss | " + " | ".join(
+                 f"{n} prompts" for n in sets) + " | per-seed (dense) |",
+             "|---|---:|---:|---:|---:|" + "---|" * len(sets) + "---|"]
+    for r in arms:
+        cells = []
+        for n in sets:
+            e = r.estimate(n)
+            cells.append("–" if e is None else _ci(e["overall"]) + (f" [{r.tables[n][3]}]" if n == "own" else ""))
+        per_seed = ", ".join(f"{x:.2f}" for x in stats.seed_means(r.tables["dense"][0])) if "dense" in r.tables else "–"
+        lines.append(f"| {r.variant} | {r.words:.1f} | {len(r.tables.get('dense', (0, 0, []))[2])} | "
+                     f"{'–' if r.median_seconds is None else f'{r.median_seconds:.0f}'} | "
+                     f"{'–' if r.final_val is None else f'{r.final_val:.4f}'} | {' | '.join(cells)} | {per_seed} |")
+    for n in sets[:2]:
+        diffs = differences(arms, n)
+        if diffs:
+            lines += ["", f"## Differences, {n} prompts (paired over prompts, seeds resampled per arm)", "",
+                      "| difference | overall (95 % interval) |", "|---|---|"]
+            lines += [f"| {a} − {b} | {_signed(d['overall'])} |" for a, b, d in diffs]
+    have = [r for r in arms if "dense" in r.tables]
+    if have:
+        cats = [c for c in ALL_CATEGORIES if c in have[0].tables["dense"][0]]
+        lines += ["", "## Per category, dense prompts", "", "| arm | " + " | ".join(cats) + " |",
+                  "|---|" + "---|" * len(cats)]
+        for r in have:
+            e = r.estimate("dense")
+            lines.append(f"| {r.variant} | " + " | ".join(_ci(e.get(c)) for c in cats) + " |")
+    limit, matched = time_matched(rows)
+    if limit is not None:
+        lines += ["", f"## Time-matched, dense prompts: every arm at {limit:.0f} s of training (the fastest "
+                  "arm's; median over seeds)",
+                  "", "| arm | steps by then | adherence |", "|---|---:|---|"]
+        for name, got in matched.items():
+            lines.append(f"| {name} | – | – |" if got is None else
+                         f"| {name} | {got[0]:.0f} | {_ci(got[1]['overall'])} |")
+    sweep = sorted((r for r in rows if (r.sweep or r.variant == s.sweep_base) and "dense" in r.tables),
+                   key=lambda r: r.words)
+    if s.sweep_words and sweep:
+        lines += ["", f"## Length sweep: {s.sweep_base} cut to N words (seed {sweep[0].seeds[0]})", "",
+                  "| variant | words/caption | dense prompts | own prompts |", "|---|---:|---|---|"]
+        for r in sweep:
+            own = r.estimate("own") or r.estimate("dense")
+            lines.append(f"| {r.variant} | {r.words:.1f} | {_ci(_seed_one(r, 'dense'))} | {_ci(own['overall'])} |")
     return "\n".join(lines) + "\n"
 
 
+def _seed_one(row: Row, name: str) -> Estimate | None:
+    """The first seed's overall on a prompt set (the sweep compares one seed each)."""
+    hits = row.tables.get(name)
+    if hits is None:
+        return None
+    return stats.crossed({c: t[:1] for c, t in hits[0].items()})["overall"]
+
+
 def reading(rows: list[Row]) -> list[str]:
-    """Sentences that state the numbers: ranking, gaps with whether the intervals overlap, the largest
-    per-category gap, words per caption and final validation loss."""
+    """Sentences that state the numbers: the ranking per prompt style, Lens's ordering, time-matched."""
+    arms = [r for r in rows if not r.sweep]
     out = []
-    missing = [f"{r.variant} (seed {', '.join(map(str, r.missing))})" for r in rows if r.missing]
+    scored = {r.variant: r.tables.get("dense", (0, 0, []))[2] for r in arms}
+    missing = [f"{r.variant} (seed {', '.join(str(x) for x in r.seeds if x not in scored[r.variant])})"
+               for r in arms if len(scored[r.variant]) < len(r.seeds)]
     if missing:
         out.append("Not evaluated yet, left out of every number below: " + ", ".join(missing) + ".")
-    dense = sorted((r for r in rows if "dense" in r.scores), key=lambda r: -r.scores["dense"].result.overall.mean)
-    if dense:
-        chances = [r.scores["dense"].result.chance for r in dense if r.scores["dense"].result.chance]
-        span = f"; chance {min(c.mean for c in chances):.2f}–{max(c.mean for c in chances):.2f}" if chances else ""
-        out.append("On dense prompts, overall adherence: " + ", ".join(
-            f"{r.variant} {r.scores['dense'].result.overall.text(2)}" for r in dense) + span + ".")
-        top = dense[0].scores["dense"].result.overall
-        for r in dense[1:]:
-            e = r.scores["dense"].result.overall
-            overlap = "overlap" if e.high >= top.low else "do not overlap"
-            out.append(f"{dense[0].variant} − {r.variant}: {top.mean - e.mean:+.2f} (the 95 % intervals {overlap}).")
-        if len(dense) > 1:
-            gaps = []
-            for c in CATEGORIES:
-                vals = [(r.scores["dense"].result.category(c).score.mean, r.variant) for r in dense
-                        if c in {k.category for k in r.scores["dense"].result.categories}]
-                if len(vals) > 1:
-                    gaps.append((max(vals)[0] - min(vals)[0], c, max(vals), min(vals)))
-            if gaps:
-                gap, c, hi, lo = max(gaps)
-                out.append(f"Largest per-category gap on dense prompts: {c}, {hi[1]} {hi[0]:.2f} vs {lo[1]} "
-                           f"{lo[0]:.2f} ({gap:+.2f}).")
-    own = [r for r in rows if "own" in r.scores]
-    if own:
-        out.append("On their own caption style's prompts: " + ", ".join(
-            f"{r.variant} ({r.scores['own'].style}) {r.scores['own'].result.overall.text(2)}" for r in own) + ".")
-    out.append("Words per caption: " + ", ".join(f"{r.variant} {r.words:.1f}" for r in rows) + ".")
-    vals = [r for r in rows if r.final_val is not None]
-    if vals:
-        out.append("Final validation loss (own captions): " + ", ".join(
-            f"{r.variant} {r.final_val:.4f}" for r in vals) + ".")
-    spread = [r for r in dense if len(r.scores["dense"].per_seed) > 1]
-    if spread:
-        out.append("Seed-to-seed range of overall (dense prompts): " + ", ".join(
-            f"{r.variant} {min(r.scores['dense'].per_seed):.2f}–{max(r.scores['dense'].per_seed):.2f}"
-            for r in spread) + ".")
+    for name in ("dense", "short"):
+        ranked = sorted((r for r in arms if name in r.tables), key=lambda r: -r.estimate(name)["overall"].mean)
+        if ranked:
+            out.append(f"On {name} prompts: " + ", ".join(
+                f"{r.variant} {_ci(r.estimate(name)['overall'])}" for r in ranked) + ".")
+        by = {a + "−" + b: d["overall"] for a, b, d in differences(arms, name)}
+        if "dense−mixed" in by and "mixed−short" in by:
+            holds = by["dense−mixed"].low > 0 and by["mixed−short"].low > 0
+            out.append(f"Lens's ordering detailed > mixed > brief on {name} prompts: dense − mixed "
+                       f"{_signed(by['dense−mixed'])}, mixed − short {_signed(by['mixed−short'])}: "
+                       + ("it holds (both intervals above 0)." if holds else "it does not appear here (an interval "
+                          "reaches 0 or below)."))
+    limit, matched = time_matched(rows)
+    got = {k: v for k, v in matched.items() if v is not None}
+    if got:
+        out.append(f"At equal training time ({limit:.0f} s): " + ", ".join(
+            f"{k} {_ci(v[1]['overall'])} after {v[0]:.0f} steps" for k, v in
+            sorted(got.items(), key=lambda kv: -kv[1][1]["overall"].mean)) + ".")
     return out
 
 
-# --- plots ----------------------------------------------------------------------------------------------------
+def write_report(out: Path, s, variants: list, base_seed: int, words: dict[str, dict], command: str) -> Path:
+    from pipelines import ablate_plots as plots
 
-
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=110)
-    fig.clear()
-
-
-def _colors(rows: list[Row]) -> dict[str, tuple]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return {r.variant: cmap(i % 10) for i, r in enumerate(rows)}
-
-
-def plot_adherence(path: Path, rows: list[Row]) -> None:
-    from common.html import new_figure
-
-    sets = [name for name in PROMPT_SETS if any(name in r.scores for r in rows)]
-    fig = new_figure(10, 3.4 * len(sets))
-    colors, labels = _colors(rows), [*CATEGORIES, "overall"]
-    width = 0.8 / max(len(rows), 1)
-    for k, name in enumerate(sets):
-        ax = fig.add_subplot(len(sets), 1, k + 1)
-        for i, row in enumerate(rows):
-            sc = row.scores.get(name)
-            if sc is None:
-                continue
-            r, x = sc.result, np.arange(len(labels)) + (i - (len(rows) - 1) / 2) * width
-            est = [r.category(c).score if c in {q.category for q in r.categories} else None for c in CATEGORIES]
-            est.append(r.overall)
-            mean = np.array([np.nan if e is None else e.mean for e in est])
-            err = np.array([[0, 0] if e is None else [e.mean - e.low, e.high - e.mean] for e in est]).T
-            ax.bar(x, mean, width, yerr=err, capsize=2, color=colors[row.variant],
-                   label=row.variant if name == "dense" else f"{row.variant} ({sc.style})")
-            ch = [r.category(c).chance if c in {q.category for q in r.categories} else None for c in CATEGORIES]
-            ch.append(r.chance)
-            ax.scatter(x, [np.nan if e is None else e.mean for e in ch], marker="_", color="black", s=60, zorder=3)
-        ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
-        ax.set_ylim(-0.02, 1.05)
-        ax.set_ylabel("adherence")
-        ax.set_title(f"{'dense' if name == 'dense' else 'own-style'} prompts (95 % CI; black tick: chance)",
-                     fontsize=9)
-        ax.legend(fontsize=7, ncol=min(len(rows), 4))
-    _save(fig, path)
-
-
-def plot_val_loss(path: Path, rows: list[Row]) -> None:
-    from common.html import new_figure
-
-    fig = new_figure(7, 3.5)
-    ax, colors = fig.gca(), _colors(rows)
-    for row in rows:
-        for k, curve in enumerate(row.val):
-            if curve:
-                steps, loss = zip(*curve)
-                ax.plot(steps, loss, marker=".", color=colors[row.variant], alpha=0.9 if k == 0 else 0.5,
-                        label=row.variant if k == 0 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (own captions)")
-    ax.set_yscale("log")
-    if any(curve for row in rows for curve in row.val):
-        ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def plot_words(path: Path, rows: list[Row], words: dict[str, dict]) -> None:
-    from common.html import new_figure
-
-    fig = new_figure(max(5, 1.1 * len(rows)), 3.2)
-    ax, colors = fig.gca(), _colors(rows)
-    # A mix's spread also holds the gap between its parts' means: shown without one.
-    std = [words[next(iter(r.mix))]["std"] if len(r.mix) == 1 else 0.0 for r in rows]
-    ax.bar([r.variant for r in rows], [r.words for r in rows], yerr=std, capsize=3,
-           color=[colors[r.variant] for r in rows])
-    ax.set_ylabel("words per caption (mean ± std)")
-    ax.tick_params(axis="x", labelsize=8, rotation=20)
-    _save(fig, path)
-
-
-def plot_sweep(path: Path, rows: list[Row], sweep_base: str, sweep_names: list[str]) -> None:
-    """Overall adherence against words per caption: the sweep (with its uncut base) as lines, on dense prompts and
-    on each model's own prompts (the dense prompt cut to its N words); the other variants as labelled points."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    from common.html import new_figure
-
-    fig = new_figure(7, 3.8)
-    ax = fig.gca()
-    line = sorted((r for r in rows if (r.variant in sweep_names or r.variant == sweep_base) and "dense" in r.scores),
-                  key=lambda r: r.words)
-    for name, fmt in (("dense", "-o"), ("own", "--s")):
-        est = [(r.scores.get(name) or r.scores["dense"]).result.overall for r in line]  # uncut: own = dense
-        if est:
-            ax.errorbar([r.words for r in line], [e.mean for e in est], fmt=fmt, capsize=3, label=f"{name} prompts",
-                        yerr=np.array([[e.mean - e.low, e.high - e.mean] for e in est]).T)
-    for r in line:
-        ax.annotate(r.variant, (r.words, r.scores["dense"].result.overall.mean), fontsize=7, xytext=(4, -10),
-                    textcoords="offset points")
-    on_line = {r.variant for r in line}
-    for r in rows:
-        if r.variant not in on_line and "dense" in r.scores:
-            e = r.scores["dense"].result.overall
-            ax.errorbar([r.words], [e.mean], yerr=[[e.mean - e.low], [e.high - e.mean]], fmt="x", color="gray",
-                        capsize=3)
-            ax.annotate(f"{r.variant} (dense prompts)", (r.words, e.mean), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks(sorted({round(r.words, 1) for r in rows}))
-    ax.tick_params(axis="x", labelsize=7)
-    ax.set_xlabel("words per caption (training captions, mean)")
-    ax.set_ylabel("overall adherence (95 % CI)")
-    ax.set_ylim(-0.02, 1.05)
-    if line:
-        ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-# --- all of it ------------------------------------------------------------------------------------------------
-
-
-def write_report(out: Path, settings, variants: list, seeds: list[int], words: dict[str, dict], command: str) -> Path:
-    from training.caption_variants import truncated
-
-    rows = collect(out, variants, seeds, words)
-    write_csv(out / "results.csv", rows, settings.steps)
-    table = markdown(rows, settings)
+    rows = collect(out, variants, s, base_seed, words)
+    write_csv(out / "results.csv", rows, s.steps)
+    table = markdown(rows, s)
     (out / "results.md").write_text(table)
-    plot_adherence(out / "adherence.png", rows)
-    plot_val_loss(out / "val_loss.png", rows)
-    plot_words(out / "words.png", rows, words)
-    pictures = ["adherence.png", "val_loss.png", "words.png"]
-    if settings.sweep_words:
-        plot_sweep(out / "sweep.png", rows, settings.sweep_base,
-                   [truncated(settings.sweep_base, n) for n in settings.sweep_words])
-        pictures.append("sweep.png")
+    pictures = plots.write_all(out, rows, s)
     text = ["# Caption-density ablation", "", "Command (rerun it to finish or extend the same study):", "",
-            f"    {command}", "", "## Reading", "", *(f"- {s}" for s in reading(rows)), "",
-            "Numbers only: an interval is over the prompts, seeds pooled" + (
-                "; with one seed nothing here measures training noise." if len(seeds) == 1 else
-                ", so it leaves out training noise: compare the seed-to-seed range."),
-            "", "## Results", "", table.split("\n", 2)[2], "## Pictures", "",
-            *(f"![{p}]({p})" for p in pictures), ""]
+            f"    {command}", "", "## Reading", "", *(f"- {x}" for x in reading(rows)), "",
+            "## Results", "", table.split("\n", 2)[2], "## Pictures", "", *(f"![{p}]({p})" for p in pictures), ""]
     (out / "README.md").write_text("\n".join(text))
     print(f"ablate: results in {out / 'results.md'}, {out / 'results.csv'}; pictures {', '.join(pictures)}")
     return out / "README.md"

@@ -26,20 +26,21 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 PLACEHOLDER_BASE_URL = "http://127.0.0.1:1"  # rewritten to the live server's URL whenever curate runs
 
 
-def render_scenes(scenes_dir: Path, config: str, overrides: list[str]) -> str:
-    """Render the scene web once per scenes config; returns that config's key (it stands for the URL list)."""
+def render_scenes(scenes_dir: Path, config: str, overrides: list[str]) -> tuple[str, str]:
+    """Render the scene web once per scenes config; returns that config's key (it stands for the URL list) and its
+    scene world (the captioner must parse in it)."""
     from scenes import render_dataset
 
     cfg = load_section("scenes", config, overrides, base_url=PLACEHOLDER_BASE_URL)
     key = stage_key("scenes", cfg)
     if is_done(scenes_dir, "scenes", key):
-        return key
+        return key, cfg.world
     began = time.time()
     save_resolved(cfg, "scenes", scenes_dir)
     render_dataset(cfg, scenes_dir)
     mark_done(scenes_dir, "scenes", key, {"n": cfg.n}, time.time() - began)
     print(f"demo: {cfg.n} scenes rendered into {scenes_dir} in {time.time() - began:.0f} s")
-    return key
+    return key, cfg.world
 
 
 def rebase_urls(urls: Path, base_url: str) -> None:
@@ -64,10 +65,11 @@ def scene_web(scenes_dir: Path):
 
 
 @contextlib.contextmanager
-def scene_captioner():
+def scene_captioner(world: str = "basic"):
+    """The local endpoint, parsing and describing the scene world the demo rendered (`scenes.world`)."""
     from captioning.endpoint import start_endpoint
 
-    endpoint, url = start_endpoint(host="127.0.0.1", port=0)
+    endpoint, url = start_endpoint(host="127.0.0.1", port=0, world=world)
     try:
         yield url
     finally:
@@ -80,9 +82,9 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[
     config = str(config or DEMO_CONFIG)
     scenes_dir = out / "scenes"
     began = time.time()
-    urls_key = render_scenes(scenes_dir, config, overrides or [])
+    urls_key, world = render_scenes(scenes_dir, config, overrides or [])
     overrides = [f"run.urls={scenes_dir / 'urls.parquet'}", *(overrides or [])]
-    services = Services(web=lambda: scene_web(scenes_dir), captioner=scene_captioner)
+    services = Services(web=lambda: scene_web(scenes_dir), captioner=lambda: scene_captioner(world))
     plan = run_pipeline(config, overrides, out=str(out), start=start, stop=stop, services=services,
                         urls_key=urls_key)
     print(f"\ndemo finished in {time.time() - began:.0f} s")

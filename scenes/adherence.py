@@ -18,6 +18,19 @@ Categories and their pass rules (`parsed` is what `scenes.parse` reads in the sa
     color_attribution  two objects of different shapes and different colours; passes if each prompt shape is
                        in parsed with its own colour (a swap of the colours fails).
 
+The rich world (`prompt_set(world="rich")`, `categories_for("rich")`) asks the same six (targets are rich scenes:
+large objects solid or hollow, a frame half the time) and five more (an object is named by colour and shape):
+
+    texture            one object; shape and fill cycle; passes if parsed has an object of that shape and fill.
+    relative_size      two objects of different shapes and colours, one large and one small; passes if parsed has
+                       the large one large and the small one small.
+    relations          two objects of different shapes and colours, in one row, one column or diagonal (cycling);
+                       passes if parsed has both, the first above / below / level with and left / right of / in line
+                       with the second exactly as in the target ("directly left of" means the same row).
+    text               one object and a word (word and cell cycle); passes if parsed reads ink in the word's cell and
+                       the same word (parse reads words reliably at 32², see scenes/parse.py).
+    frame              one object and a frame (colour cycles); passes if parsed has a frame of that colour.
+
 Each rule checks only what its name says (colors ignores shape, position ignores colour and shape ...); the
 categories are read together, as in GenEval: a model that paints every cell passes position but fails counting.
 The attribute a category tests cycles over its values (shapes, shape pairs, colours, cells, counts), so every
@@ -40,7 +53,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 
 import numpy as np
@@ -49,11 +62,16 @@ from PIL import Image
 from scenes.adherence_report import RESAMPLES, ItemScore, Result, summarize
 from scenes.describe import STYLES, describe
 from scenes.parse import parse
-from scenes.scene import BACKGROUNDS, CELLS, COLORS, SHAPES, Obj, Scene
+from scenes.scene import (
+    BACKGROUNDS, CELLS, COLORS, FILLS, FRAMES, RICH_FRAME_PROB, SHAPES, WORDS, WORLDS, Obj, Scene,
+)
 
-CATEGORIES: tuple[str, ...] = (
+CATEGORIES: tuple[str, ...] = (  # the basic world's
     "single_object", "two_objects", "counting", "colors", "position", "color_attribution",
 )
+RICH_CATEGORIES: tuple[str, ...] = ("texture", "relative_size", "relations", "text", "frame")
+ALL_CATEGORIES = CATEGORIES + RICH_CATEGORIES  # report order
+RELATION_KINDS = ("row", "column", "diagonal")  # relations cycles over these
 PROMPT_SEED = 0
 MAX_COUNT = 4  # counting asks for 1..MAX_COUNT objects
 SHAPE_PAIRS: tuple[tuple[str, str], ...] = tuple(combinations(SHAPES, 2))  # the 6 unordered pairs
@@ -83,8 +101,54 @@ def _ordered_pair(rng: random.Random, k: int) -> list[str]:
     return pair
 
 
-def _build(category: str, rng: random.Random, k: int) -> Scene:
-    """The k-th target scene of a category; the tested attribute cycles with k, the rest is drawn from rng."""
+def categories_for(world: str = "basic") -> tuple[str, ...]:
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; known: {', '.join(WORLDS)}")
+    return CATEGORIES if world == "basic" else ALL_CATEGORIES
+
+
+def _dress(rng: random.Random, scene: Scene, fills: bool = True, frame: bool = True) -> Scene:
+    """The scene in the rich world: random fills on its large objects and, half the time, a frame."""
+    objects = tuple(replace(o, fill=rng.choice(FILLS)) if fills and o.size == "large" else o for o in scene.objects)
+    framed = rng.choice(FRAMES) if frame and rng.random() < RICH_FRAME_PROB else scene.frame
+    return replace(scene, objects=objects, frame=framed, world="rich")
+
+
+def _related_cells(rng: random.Random, kind: str) -> list[str]:
+    """Two cells in one row, one column or on a diagonal (differing in both), in random order."""
+    pairs = [(a, b) for a in CELLS for b in CELLS if a != b and {
+        "row": CELLS[a][0] == CELLS[b][0], "column": CELLS[a][1] == CELLS[b][1],
+        "diagonal": CELLS[a][0] != CELLS[b][0] and CELLS[a][1] != CELLS[b][1]}[kind]]
+    return list(rng.choice(pairs))
+
+
+def _build_rich(category: str, rng: random.Random, k: int) -> Scene:
+    """The k-th target of a rich-only category."""
+    colors, cells = list(COLORS), list(CELLS)
+    if category == "texture":
+        scene = _scene(rng, [SHAPES[k // len(FILLS) % len(SHAPES)]], [rng.choice(colors)])
+        scene = replace(scene, objects=(replace(scene.objects[0], fill=FILLS[k % len(FILLS)]),), world="rich")
+        return _dress(rng, scene, fills=False)
+    if category == "relative_size":
+        scene = _scene(rng, _ordered_pair(rng, k), rng.sample(colors, 2))
+        small = scene.objects[k % 2]  # which one is small alternates
+        scene = replace(scene, objects=tuple(replace(o, size="small") if o == small else o for o in scene.objects))
+        return _dress(rng, scene)
+    if category == "relations":
+        kind = RELATION_KINDS[k % len(RELATION_KINDS)]
+        return _dress(rng, _scene(rng, _ordered_pair(rng, k), rng.sample(colors, 2), _related_cells(rng, kind)))
+    if category == "text":
+        word_at = cells[k % len(cells)]
+        cell = rng.choice([c for c in cells if c != word_at])
+        scene = _scene(rng, [rng.choice(SHAPES)], [rng.choice(colors)], [cell])
+        return _dress(rng, replace(scene, word=WORDS[k % len(WORDS)], word_at=word_at, world="rich"))
+    if category == "frame":
+        scene = _scene(rng, [rng.choice(SHAPES)], [rng.choice(colors)])
+        return replace(_dress(rng, scene, frame=False), frame=FRAMES[k % len(FRAMES)])
+    raise ValueError(f"unknown category {category!r}; known: {', '.join(ALL_CATEGORIES)}")
+
+
+def _build_basic(category: str, rng: random.Random, k: int) -> Scene:
     colors, cells = list(COLORS), list(CELLS)
     if category == "single_object":
         return _scene(rng, [SHAPES[k % len(SHAPES)]], [rng.choice(colors)])
@@ -102,21 +166,31 @@ def _build(category: str, rng: random.Random, k: int) -> Scene:
     raise ValueError(f"unknown category {category!r}; known: {', '.join(CATEGORIES)}")
 
 
+def _build(category: str, rng: random.Random, k: int, world: str = "basic") -> Scene:
+    """The k-th target scene of a category; the tested attribute cycles with k, the rest is drawn from rng."""
+    if category in RICH_CATEGORIES:
+        return _build_rich(category, rng, k)
+    scene = _build_basic(category, rng, k)
+    return scene if world == "basic" else _dress(rng, scene)
+
+
 def prompt_set(per_category: int = 32, seed: int = PROMPT_SEED, style: str = "dense",
-               categories: Sequence[str] = CATEGORIES) -> list[Item]:
-    """`per_category` items of every category, category by category. Deterministic, and a longer set extends a
-    shorter one: item k of a category depends only on (seed, category, k)."""
+               categories: Sequence[str] | None = None, world: str = "basic") -> list[Item]:
+    """`per_category` items of every category (default: all of the world's), category by category. Deterministic,
+    and a longer set extends a shorter one: item k of a category depends only on (seed, world, category, k)."""
+    known = categories_for(world)
     if per_category < 1:
         raise ValueError(f"per_category must be >= 1, got {per_category}")
     if style not in STYLES:
         raise ValueError(f"unknown caption style {style!r}; known: {', '.join(STYLES)}")
     items = []
-    for category in categories:
-        if category not in CATEGORIES:
-            raise ValueError(f"unknown category {category!r}; known: {', '.join(CATEGORIES)}")
-        rng = random.Random(f"adherence/{seed}/{category}")  # a string seed: apart from training's integer seeds
+    for category in known if categories is None else categories:
+        if category not in known:
+            raise ValueError(f"unknown category {category!r} in the {world} world; known: {', '.join(known)}")
+        # A string seed: apart from training's integer seeds (the basic one is the original, unchanged).
+        rng = random.Random(f"adherence/{seed}/{category}" if world == "basic" else f"adherence/{seed}/rich/{category}")
         for k in range(per_category):
-            scene = _build(category, rng, k)
+            scene = _build(category, rng, k, world)
             items.append(Item(category, scene, describe(scene, style)))
     return items
 
@@ -136,25 +210,52 @@ def passes(category: str, target: Scene, parsed: Scene) -> bool:
         return any(o.cell == target.objects[0].cell for o in got)
     if category == "color_attribution":
         return all(any(o.shape == t.shape and o.color == t.color for o in got) for t in target.objects)
-    raise ValueError(f"unknown category {category!r}; known: {', '.join(CATEGORIES)}")
+    return _passes_rich(category, target, parsed)
+
+
+def _signs(a: Obj, b: Obj) -> tuple[int, int]:
+    """(row, column) order of a against b: -1 above / left of, 0 level / in line, 1 below / right of."""
+    (ra, ca), (rb, cb) = CELLS[a.cell], CELLS[b.cell]
+    return (ra > rb) - (ra < rb), (ca > cb) - (ca < cb)
+
+
+def _passes_rich(category: str, target: Scene, parsed: Scene) -> bool:
+    got = parsed.objects
+
+    def like(t: Obj) -> list[Obj]:  # parsed objects that could be the target object t (same colour and shape)
+        return [o for o in got if (o.shape, o.color) == (t.shape, t.color)]
+
+    if category == "texture":
+        t = target.objects[0]
+        return any(o.shape == t.shape and o.fill == t.fill for o in got)
+    if category == "relative_size":
+        return all(any(o.size == t.size for o in like(t)) for t in target.objects)
+    if category == "relations":
+        a, b = target.objects
+        return any(_signs(x, y) == _signs(a, b) for x in like(a) for y in like(b) if x != y)
+    if category == "text":
+        return parsed.word_cell == target.word_cell and parsed.word == target.word
+    if category == "frame":
+        return parsed.frame == target.frame
+    raise ValueError(f"unknown category {category!r}; known: {', '.join(ALL_CATEGORIES)}")
 
 
 def score(items: Sequence[Item], images: Sequence[ImageLike], resamples: int = RESAMPLES) -> Result:
-    """Parse every image (PIL or uint8 array, any size), apply its item's rule, and summarize per category (in
-    CATEGORIES order) with bootstrap intervals and the shuffled-prompt chance level."""
+    """Parse every image (PIL or uint8 array, any size) in its item's world, apply its item's rule, and summarize
+    per category (in ALL_CATEGORIES order) with bootstrap intervals and the shuffled-prompt chance level."""
     if len(items) != len(images):
         raise ValueError(f"{len(items)} items but {len(images)} images")
     if not items:
         raise ValueError("nothing to score: no items")
-    parsed = [parse(image) for image in images]
+    parsed = [parse(image, world=it.scene.world) for it, image in zip(items, images)]  # the target's world
     passed = [passes(it.category, it.scene, p) for it, p in zip(items, parsed)]
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
-        if item.category not in CATEGORIES:
-            raise ValueError(f"unknown category {item.category!r}; known: {', '.join(CATEGORIES)}")
+        if item.category not in ALL_CATEGORIES:
+            raise ValueError(f"unknown category {item.category!r}; known: {', '.join(ALL_CATEGORIES)}")
         groups.setdefault(item.category, []).append(i)
     hits, chance = {}, {}
-    for category in (c for c in CATEGORIES if c in groups):
+    for category in (c for c in ALL_CATEGORIES if c in groups):
         index = groups[category]
         hits[category] = np.array([passed[i] for i in index], dtype=np.float64)
         # Image i against every other prompt j of the category: the expected score under a random derangement.

@@ -1,6 +1,7 @@
 """Render a URL list of synthetic scenes with web faults mixed in: the demo's and the tests' stand-in for the web.
 
     lensforge scenes render --n 2000 --out data/web --faults 0.1
+    lensforge scenes render --n 2000 --out data/rich --set scenes.world=rich     # the rich world
     lensforge serve-web data/web --port 8000
 
 Writes, under OUT:
@@ -68,7 +69,7 @@ def render_dataset(cfg: ScenesConfig, out: Path | str) -> Path:
     rows, serve = [], {}
     normal: dict[int, tuple[Image.Image, str, Scene]] = {}  # earlier rows whose file is a plain render
     for i, kind in enumerate(kinds):
-        scene = random_scene(rng, cfg.min_objects, cfg.max_objects, cfg.word_prob)
+        scene = random_scene(rng, cfg.min_objects, cfg.max_objects, cfg.word_prob, world=cfg.world)
         image = render(scene, cfg.size)
         source, shows_scene, ext, data = None, True, "jpg", None
         if kind in faults.DUPLICATE_KINDS:  # a copy of an earlier normal image, showing that row's scene

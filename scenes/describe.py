@@ -8,13 +8,19 @@
     alt(scene, random.Random(0))           # "red circle" / "a photo of a star" / "" (sometimes wrong)
 
 Deterministic: the same scene (and rng state) gives the same text. Objects are listed in reading order.
+
+Rich scenes (`scene.world == "rich"`) get their own dense paragraph, 80-120 words for every scene `random_scene(...,
+world="rich")` draws: every object with size, fill, colour, shape and cell; the relation of each object to the next
+in reading order; relative sizes; counts of shapes and fills; the word verbatim and where, or that there is none;
+the frame, or that there is none; the background. Medium, short and tags name the fill and the frame too.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from scenes.scene import COLORS, SHAPES, Obj, Rng, Scene, pick
+from scenes.render import ink_name
+from scenes.scene import CELLS, COLORS, FILLS, SHAPES, Obj, Rng, Scene, pick
 
 STYLES = ("dense", "medium", "short", "tags")
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -36,9 +42,9 @@ def article(text: str) -> str:
     return ("an " if text[:1] in "aeiou" else "a ") + text
 
 
-def phrase(obj: Obj, with_size: bool = True) -> str:
-    """'a large red circle'."""
-    words = [obj.size] if with_size else []
+def phrase(obj: Obj, with_size: bool = True, with_fill: bool = False) -> str:
+    """'a large red circle'; with_fill: 'a large hollow red circle'."""
+    words = ([obj.size] if with_size else []) + ([obj.fill] if with_fill else [])
     return article(" ".join(words + [obj.color, obj.shape]))
 
 
@@ -67,24 +73,103 @@ def _sentences_dense(scene: Scene) -> list[tuple[int, str]]:
     return sentences
 
 
+def _medium_parts(scene: Scene) -> list[str]:
+    rich = scene.world == "rich"
+    return [f"{phrase(o, with_fill=rich)} {position(o.cell)}" for o in scene.objects]
+
+
 def _medium(scene: Scene) -> str:
-    parts = [f"{phrase(o)} {position(o.cell)}" for o in scene.objects]
+    parts = _medium_parts(scene)
     tail = f' and the word "{scene.word}"' if scene.word else ""
+    if scene.world == "rich" and scene.word:
+        tail += f" {position(scene.word_cell or 'center')}"
     body = ", ".join(parts) if parts else "nothing"
-    return f"{body[0].upper()}{body[1:]}{tail}, on a {scene.background} background."
+    frame = f" with a thin {scene.frame} border" if scene.frame else ""
+    return f"{body[0].upper()}{body[1:]}{tail}, on a {scene.background} background{frame}."
 
 
 def _short(scene: Scene) -> str:
     obj = salient(scene)
-    head = phrase(obj, with_size=False) if obj else "an empty scene"
+    head = phrase(obj, with_size=False, with_fill=scene.world == "rich") if obj else "an empty scene"
     return f"{head[0].upper()}{head[1:]} on a {scene.background} background."
 
 
 def _tags(scene: Scene) -> list[str]:
-    tags = [f"{o.color} {o.shape}" for o in scene.objects] + [f"{scene.background} background"]
+    rich = scene.world == "rich"
+    tags = [f"{o.fill} {o.color} {o.shape}" if rich else f"{o.color} {o.shape}" for o in scene.objects]
+    tags.append(f"{scene.background} background")
+    if scene.frame:
+        tags.append(f"{scene.frame} border")
     if scene.word:
         tags.append(f'text "{scene.word}"')
     return tags
+
+
+# --- the rich world's dense paragraph -----------------------------------------------------------------------------
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
+
+
+def reference(obj: Obj, objects: tuple[Obj, ...]) -> str:
+    """'the red circle', or 'the second red circle' (reading order) when others share its colour and shape."""
+    same = [o for o in objects if (o.color, o.shape) == (obj.color, obj.shape)]
+    ordinal = f"{ORDINALS[same.index(obj)]} " if len(same) > 1 else ""
+    return f"the {ordinal}{obj.color} {obj.shape}"
+
+
+def relation(a: Obj, b: Obj) -> str:
+    """Where a is relative to b, from their cells: 'directly above', 'directly left of', 'below and right of' ..."""
+    (ra, ca), (rb, cb) = CELLS[a.cell], CELLS[b.cell]
+    vertical = "above" if ra < rb else "below" if ra > rb else ""
+    horizontal = "left of" if ca < cb else "right of" if ca > cb else ""
+    return f"{vertical} and {horizontal}" if vertical and horizontal else f"directly {vertical or horizontal}"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _sizes(objs: tuple[Obj, ...]) -> str:
+    """Relative sizes: 'The red circle is larger than the blue star.', 'The blue star is the only small object.'"""
+    by = {size: [o for o in objs if o.size == size] for size in ("large", "small")}
+    if not by["large"] or not by["small"]:
+        head = "The two" if len(objs) == 2 else f"All {NUMBER_WORDS[len(objs)]}"
+        return f"{head} objects are exactly the same size."
+    if len(objs) == 2:
+        return f"{reference(by['large'][0], objs).capitalize()} is larger than {reference(by['small'][0], objs)}."
+    alone = "large" if len(by["large"]) == 1 else "small"
+    return f"{reference(by[alone][0], objs).capitalize()} is the only {alone} object."
+
+
+def _counts(objs: tuple[Obj, ...]) -> str:
+    shapes, fills = Counter(o.shape for o in objs), Counter(o.fill for o in objs)
+    parts = [count_word(shapes[s], s) for s in SHAPES if shapes[s]]
+    kinds = [count_word(fills[f], f"{f} object") for f in FILLS if fills[f]]
+    return f"In all: {_join(parts)}; {_join(kinds)}."
+
+
+def _sentences_rich(scene: Scene) -> list[tuple[int, str]]:
+    """The rich dense paragraph as (priority, sentence): objects (0), the scene line (1), relations and the word
+    (2), sizes and the frame (3), counts and the background (4). A missing word or frame gets a sentence of about
+    the same length as a present one, so the length depends mostly on the object count (2 → ~90, 3 → ~110)."""
+    objs, bg = scene.objects, scene.background
+    sentences = [(1, f"{count_word(len(objs), 'object').capitalize()} on a plain {bg} background.")]
+    sentences += [(0, f"{phrase(o, with_fill=True).capitalize()} {position(o.cell)}.") for o in objs]
+    sentences += [(2, f"{reference(a, objs).capitalize()} is {relation(a, b)} {reference(b, objs)}.")
+                  for a, b in zip(objs, objs[1:])]
+    if len(objs) > 1:
+        sentences += [(3, _sizes(objs)), (4, _counts(objs))]
+    if scene.word:
+        where = position(scene.word_cell or "center")
+        sentences.append((2, f'The word "{scene.word}" is written in small {ink_name(bg)} capital letters {where}.'))
+    else:
+        sentences.append((2, "There is no writing anywhere in the image, no letters and no words."))
+    if scene.frame:
+        sentences.append((3, f"A thin {scene.frame} border runs around all four edges of the image."))
+    else:
+        sentences.append((3, "The image has no border; the background runs right up to its edges."))
+    sentences.append((4, f"Apart from these, the {bg} background is flat and empty."))
+    return sentences
 
 
 def _fit(units: list[tuple[int, str]], max_words: int | None, sep: str) -> str:
@@ -111,7 +196,7 @@ def describe(scene: Scene, style: str = "dense", max_words: int | None = None) -
     if style not in STYLES:
         raise ValueError(f"unknown caption style {style!r}; known: {', '.join(STYLES)}")
     if style == "dense":
-        return _fit(_sentences_dense(scene), max_words, " ")
+        return _fit(_sentences_rich(scene) if scene.world == "rich" else _sentences_dense(scene), max_words, " ")
     if style == "tags":
         return _fit(list(enumerate(_tags(scene))), max_words, ", ")
     if style == "short":
@@ -119,7 +204,7 @@ def describe(scene: Scene, style: str = "dense", max_words: int | None = None) -
     text = _medium(scene)
     if max_words is None or len(text.split()) <= max_words:
         return text
-    cut = _fit([(k, f"{phrase(o)} {position(o.cell)}") for k, o in enumerate(scene.objects)], max_words, ", ")
+    cut = _fit(list(enumerate(_medium_parts(scene))), max_words, ", ")
     return cut[:1].upper() + cut[1:]
 
 

@@ -7,6 +7,10 @@ Shapes are drawn on a canvas of at least 512² and box-downsampled to `size`, so
 resize of a large one (clean 8 px shapes, not aliased 4 px stairs). The word, if any, is drawn in neutral ink
 (black on light backgrounds, white on black) inside an empty cell (`Scene.word_cell`), so it never touches an
 object and the parser can tell ink from object colours.
+
+Rich world (`Scene.world == "rich"`): a hollow object is its shape minus a copy scaled by HOLLOW_INNER about the
+shape's incentre, filled with the background (a uniform outline); the frame is a border FRAME_WIDTH of the side,
+drawn first; the word fits a narrower box (RICH_WORD_BOX) so it keeps clear of the frame in an edge cell.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-from scenes.scene import BACKGROUNDS, CELLS, COLORS, SIZES, Scene
+from scenes.scene import BACKGROUNDS, CELLS, COLORS, FRAME_WIDTH, HOLLOW_INNER, SIZES, Obj, Scene
 
 MIN_CANVAS = 512  # supersampled drawing side; a power-of-two multiple keeps 256 and 32 exact
+# The word's box as fractions of its cell (width, height). Basic: 80 % x 35 %. Rich: 70 % wide, so a word in an edge
+# cell keeps 0.05 of the image side from the edge (the frame takes 1/32 and the parser clears 0.038), and 40 % high.
+WORD_BOX = {"basic": (0.8, 0.35), "rich": (0.7, 0.4)}
 
 
 def cell_box(cell: str, side: float) -> tuple[float, float, float, float]:
@@ -48,9 +55,42 @@ def shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[f
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def incentre(shape: str, cx: float, cy: float, side: float) -> tuple[float, float]:
+    """The point a hollow shape's inner copy is scaled about: equidistant from all edges, so the outline is uniform."""
+    h = side / 2
+    if shape == "triangle":  # apex (cx, cy-h), base corners (cx±h, cy+h): sides 2h, h√5, h√5
+        return cx, cy + h * (math.sqrt(5) - 1) / (math.sqrt(5) + 1)
+    if shape == "star":  # shape_polygon moves the star down by dy to centre its box
+        return cx, cy + (h - h * math.cos(math.pi / 5)) / 2
+    return cx, cy
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: float, fill: tuple) -> None:
+    polygon = shape_polygon(shape, cx, cy, s)
+    if polygon is None:
+        draw.ellipse((cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2), fill=fill)
+    else:
+        draw.polygon(polygon, fill=fill)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, background: str, side: int) -> None:
+    x0, y0, x1, y1 = cell_box(obj.cell, side)
+    cx, cy, s = (x0 + x1) / 2, (y0 + y1) / 2, SIZES[obj.size] * (x1 - x0)
+    _draw_shape(draw, obj.shape, cx, cy, s, COLORS[obj.color])
+    if obj.fill == "hollow":  # the same shape, shrunk about its incentre, in the background colour
+        ix, iy = incentre(obj.shape, cx, cy, s)
+        k = HOLLOW_INNER
+        _draw_shape(draw, obj.shape, ix + k * (cx - ix), iy + k * (cy - iy), k * s, BACKGROUNDS[background])
+
+
 def ink_color(background: str) -> tuple[int, int, int]:
     """Neutral ink that contrasts with the background (the word must not look like an object colour)."""
-    return (15, 15, 15) if sum(BACKGROUNDS[background]) > 3 * 80 else (240, 240, 240)
+    return (15, 15, 15) if ink_name(background) == "black" else (240, 240, 240)
+
+
+def ink_name(background: str) -> str:
+    """What a caption calls the ink: black on the light backgrounds, white on black."""
+    return "black" if sum(BACKGROUNDS[background]) > 3 * 80 else "white"
 
 
 @lru_cache(maxsize=64)
@@ -69,8 +109,8 @@ def _draw_word(canvas: Image.Image, scene: Scene, side: int) -> None:
         return
     x0, y0, x1, y1 = cell_box(cell, side)
     mask = _word_mask(scene.word)
-    # Fit 80 % of the cell's width and 35 % of its height, keeping the aspect ratio.
-    scale = min(0.8 * (x1 - x0) / mask.width, 0.35 * (y1 - y0) / mask.height)
+    box_w, box_h = WORD_BOX[scene.world]  # fit the box, keeping the aspect ratio
+    scale = min(box_w * (x1 - x0) / mask.width, box_h * (y1 - y0) / mask.height)
     w, h = max(1, round(mask.width * scale)), max(1, round(mask.height * scale))
     mask = mask.resize((w, h), Image.BILINEAR)
     ink = Image.new("RGB", (w, h), ink_color(scene.background))
@@ -85,13 +125,9 @@ def render(scene: Scene, size: int = 256) -> Image.Image:
     side = size * factor
     canvas = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(canvas)
+    if scene.frame is not None:
+        draw.rectangle((0, 0, side - 1, side - 1), outline=COLORS[scene.frame], width=round(FRAME_WIDTH * side))
     for obj in scene.objects:
-        x0, y0, x1, y1 = cell_box(obj.cell, side)
-        cx, cy, s = (x0 + x1) / 2, (y0 + y1) / 2, SIZES[obj.size] * (x1 - x0)
-        polygon = shape_polygon(obj.shape, cx, cy, s)
-        if polygon is None:
-            draw.ellipse((cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2), fill=COLORS[obj.color])
-        else:
-            draw.polygon(polygon, fill=COLORS[obj.color])
+        _draw_object(draw, obj, scene.background, side)
     _draw_word(canvas, scene, side)
     return canvas if factor == 1 else canvas.reduce(factor)

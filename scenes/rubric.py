@@ -16,14 +16,16 @@ from __future__ import annotations
 import re
 
 from scenes.describe import article, position
-from scenes.scene import BACKGROUNDS, CELLS, COLORS, SHAPES, SIZES, Obj, Scene
+from scenes.scene import BACKGROUNDS, CELLS, COLORS, FILLS, SHAPES, SIZES, Obj, Scene
 
 STRUCTURE = "Is every object drawn as one whole, clean shape?"
 
 _ALT = {name: "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
         for name, values in (("size", SIZES), ("color", COLORS), ("shape", SHAPES), ("cell", CELLS),
-                             ("bg", BACKGROUNDS))}
-_OBJECT = re.compile(rf"\b(?P<size>{_ALT['size']})\s+(?P<color>{_ALT['color']})\s+(?P<shape>{_ALT['shape']})"
+                             ("bg", BACKGROUNDS), ("fill", FILLS))}
+# A rich description puts the fill between size and colour ("a large hollow red circle"): read it, then ignore it.
+_OBJECT = re.compile(rf"\b(?P<size>{_ALT['size']})\s+(?:(?:{_ALT['fill']})\s+)?(?P<color>{_ALT['color']})\s+"
+                     rf"(?P<shape>{_ALT['shape']})"
                      rf"\s+in\s+the\s+(?P<cell>{_ALT['cell']})\b", re.IGNORECASE)
 _BACKGROUND = re.compile(rf"\bon\s+a\s+plain\s+(?P<bg>{_ALT['bg']})\s+background\b", re.IGNORECASE)
 
@@ -36,7 +38,8 @@ _BG = re.compile(rf"^Is the background (?P<bg>{_ALT['bg']})\?$")
 
 def read_description(text: str) -> Scene | None:
     """The scene a description names ("A large red circle in the top left." sentences or phrases, "on a plain
-    white background"); None when it names no object. Sizes, colours and cells are read, counts and words are not."""
+    white background"); None when it names no object. Sizes, colours and cells are read, counts and words are not;
+    a rich description reads as its basic scene (fills, frame, word and relations are ignored)."""
     objects = {}
     for m in _OBJECT.finditer(text):
         cell = m["cell"].lower()

@@ -28,6 +28,13 @@ from training.precompute_workers import load_encoders
 from training.shard_format import INDEX_FILE, shard_name, shard_set_id, write_encoders, write_sample
 
 
+# The scenes write_scene_shards draws without a scene_fn, per world.
+DEFAULT_SCENES = {
+    "basic": lambda rng: random_scene(rng, 1, 2, word_prob=0.0),
+    "rich": lambda rng: random_scene(rng, world="rich"),
+}
+
+
 def one_object_scene(rng: random.Random) -> Scene:
     """One large object (any shape, colour, cell) on any background: CPU-RECIPES.md's learnable world."""
     obj = Obj(shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), size="large", cell=rng.choice(list(CELLS)))
@@ -64,12 +71,17 @@ def precompute_config(buckets: dict[tuple[int, int], int], variants=("dense",), 
 
 def write_scene_shards(data: str | Path, buckets: dict[tuple[int, int], int], variants=("dense",), seed: int = 0,
                        shard_size: int = 1000, scene_fn=None, encoders_patch: dict | None = None,
-                       codec: str = "pixel", text_encoder: str = "minilm", multiple: int = 4) -> Path:
+                       codec: str = "pixel", text_encoder: str = "minilm", multiple: int = 4,
+                       world: str = "basic") -> Path:
     """DATA/shards/<set_id>/ with `buckets[(w, h)]` samples of each size (each must be a bucket of the table the
     sizes imply). Variant `dense`/`short`/... is `describe(scene, variant)`, `alt` an alt text, `dense@15` the dense
     caption cut to 15 words (`scene_caption`). `encoders_patch` overrides fields of
     encoders.json (to make shards that a config must refuse). `codec` / `text_encoder`: other encoders (a tiny
-    Lens release's `flux2:ROOT/vae`, `gpt-oss:ROOT`, with `multiple` 16). Returns the set directory."""
+    Lens release's `flux2:ROOT/vae`, `gpt-oss:ROOT`, with `multiple` 16). `world`: the scenes drawn when no
+    `scene_fn` is given (basic: 1-2 objects, no word; rich: `random_scene(world="rich")`). Returns the set
+    directory."""
+    if world not in DEFAULT_SCENES:
+        raise ValueError(f"unknown world {world!r}; known: {', '.join(DEFAULT_SCENES)}")
     cfg = precompute_config(buckets, variants, codec, text_encoder, multiple)
     table = table_for(cfg)
     record = encoders_record(cfg, table)
@@ -79,7 +91,7 @@ def write_scene_shards(data: str | Path, buckets: dict[tuple[int, int], int], va
     write_encoders(set_dir, record)
     codec, encoder = load_encoders(cfg, "cpu")
     rng = random.Random(seed)
-    scene_fn = scene_fn or (lambda r: random_scene(r, 1, 2, word_prob=0.0))
+    scene_fn = scene_fn or DEFAULT_SCENES[world]
     index, key = [], 0
     for (w, h), count in sorted(buckets.items()):
         bucket = next(b for b in table.buckets if (b.width, b.height) == (w, h))

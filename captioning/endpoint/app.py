@@ -1,6 +1,7 @@
 """The endpoint's aiohttp application: OpenAI's routes, the fault injection, and the /_lensforge control routes.
 
     app = make_app(api_key="sk-test", latency_s=0.2)   # then run it (server.start_endpoint / server.serve)
+    app = make_app(world="rich")                         # images parsed and described in the rich scene world
 
 Routes (under /v1 a Bearer key is required when api_key is set):
     GET  /v1/models, /v1/models/{id}
@@ -39,6 +40,7 @@ from captioning.endpoint.describe_request import (
     RequestError, apply_outcome, caption, completion_body, error_body, read_request,
 )
 from captioning.endpoint.faults import FaultInjector, Faults
+from scenes.scene import WORLDS
 
 DEFAULT_MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "lensforge-scenes")
 KEY_HEADER = "X-Lensforge-Key"  # the manifest key a client sends along; counted in /_lensforge/stats
@@ -97,11 +99,12 @@ class EndpointState:
     injector: FaultInjector
     pool: ThreadPoolExecutor
     store: Store
+    world: str = "basic"  # the scene world images are parsed and described in
     batches: BatchRunner = field(init=False)
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self) -> None:
-        self.batches = BatchRunner(self.store, self.injector, self.models, self.run_blocking)
+        self.batches = BatchRunner(self.store, self.injector, self.models, self.run_blocking, self.world)
 
     async def run_blocking(self, fn, *args):
         """fn(*args) in the worker pool: decoding and parsing an image is CPU work that must not stall the loop."""
@@ -178,7 +181,7 @@ async def chat_completions(request: web.Request) -> web.Response:
                               "requests", "rate_limit_exceeded", headers={"Retry-After": f"{retry_after:g}"})
     if outcome == "500":
         return error_response(500, SERVER_ERROR, "server_error")
-    content, prompt_tokens = await state.run_blocking(caption, chat)
+    content, prompt_tokens = await state.run_blocking(caption, chat, state.world)
     if outcome != "timeout":
         state.stats.outcome(outcome)
     if outcome == "malformed":
@@ -281,14 +284,18 @@ async def reset(request: web.Request) -> web.Response:
 
 
 def make_app(*, api_key: str | None = None, models: tuple[str, ...] | list[str] = DEFAULT_MODELS,
-             state_dir: str | Path | None = None, workers: int | None = None, **fault_options) -> web.Application:
+             state_dir: str | Path | None = None, workers: int | None = None, world: str = "basic",
+             **fault_options) -> web.Application:
     """The endpoint as an aiohttp app. `fault_options` are `Faults` fields; `state_dir` keeps files and batches
-    across restarts (default: a temporary folder removed on shutdown); `workers` sizes the captioning pool."""
+    across restarts (default: a temporary folder removed on shutdown); `workers` sizes the captioning pool;
+    `world` is the scene world (scenes/scene.py WORLDS) images are parsed and described in."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown scene world {world!r}; known: {', '.join(WORLDS)}")
     injector = FaultInjector(Faults(**fault_options))
     temporary = state_dir is None
     root = Path(tempfile.mkdtemp(prefix="lensforge-endpoint-") if temporary else state_dir)
     pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1), thread_name_prefix="caption")
-    state = EndpointState(frozenset(models), api_key, injector, pool, Store(root))
+    state = EndpointState(frozenset(models), api_key, injector, pool, Store(root), world)
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
 

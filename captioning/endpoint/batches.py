@@ -112,8 +112,10 @@ class BatchRunner:
     """Creates, runs and cancels batches. Every method runs on the server's event loop (no locks needed); the
     captioning itself goes to the worker pool through `run_blocking`."""
 
-    def __init__(self, store: Store, injector: FaultInjector, models: frozenset[str], run_blocking: RunBlocking):
+    def __init__(self, store: Store, injector: FaultInjector, models: frozenset[str], run_blocking: RunBlocking,
+                 world: str = "basic"):
         self.store, self.injector, self.models, self.run_blocking = store, injector, models, run_blocking
+        self.world = world  # the scene world lines are captioned in (describe_request)
         self.attempts: Counter[str] = Counter()  # custom_id -> lines run so far (the failure draw's attempt)
         self.tasks: set[asyncio.Task] = set()
 
@@ -203,7 +205,8 @@ class BatchRunner:
             for custom_id, _ in chunk:
                 draws.append(self.injector.batch_line_fails(custom_id, self.attempts[custom_id]))
                 self.attempts[custom_id] += 1
-            results = await asyncio.gather(*(self.run_blocking(answer_line, custom_id, body, self.models, fail)
+            results = await asyncio.gather(*(self.run_blocking(answer_line, custom_id, body, self.models, fail,
+                                                               self.world)
                                              for (custom_id, body), fail in zip(chunk, draws)))
             for ok, record in results:
                 (outputs if ok else failures).append(record)
@@ -265,7 +268,8 @@ class BatchRunner:
         return lines, errors
 
 
-def answer_line(custom_id: str, body: dict, models: frozenset[str], fail: bool) -> tuple[bool, dict]:
+def answer_line(custom_id: str, body: dict, models: frozenset[str], fail: bool,
+                world: str = "basic") -> tuple[bool, dict]:
     """(ok, output-or-error record) for one batch line; blocking (decode + parse)."""
     request_id = _new_id("req_")
     try:
@@ -273,7 +277,7 @@ def answer_line(custom_id: str, body: dict, models: frozenset[str], fail: bool) 
             raise RequestError(500, "The server had an error while processing your request. Sorry about that!",
                                type_="server_error")
         request = read_request(body, models)
-        content, prompt_tokens = caption(request)
+        content, prompt_tokens = caption(request, world)
         response = {"status_code": 200, "request_id": request_id,
                     "body": completion_body(request, content, prompt_tokens)}
         return True, {"id": _new_id("batch_req_"), "custom_id": custom_id, "response": response, "error": None}

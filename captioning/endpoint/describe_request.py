@@ -3,6 +3,7 @@ shared by the HTTP route and the Batch API worker. No HTTP here.
 
     request = read_request(body, models={"gpt-4.1-mini"})   # validates; raises RequestError (→ 400 / 404)
     content, prompt_tokens = caption(request)                # decode + parse + describe: CPU work, run in a thread
+    caption(request, world="rich")                           # the rich scene world (`serve-captioner --world rich`)
     completion_body(request, content, prompt_tokens)         # the chat.completion JSON, max_tokens honoured
 
 The caption's density is read from the prompt's text (system + user parts), first match wins:
@@ -17,6 +18,10 @@ The rubric judge's two requests (captioning/judge_prompts.py owns their wording)
 a text-only rubric request gets {"questions": scenes.rubric.rubric_for(the scene its prompt describes)}, and a
 yes/no question about an image gets "yes" or "no" from the parsed image (scenes.rubric.answer; "no" for a
 question it does not know).
+
+`world` ("basic" or "rich", scenes/scene.py) is the scene world the images come from: it is parsed and described in
+that world (a rich dense caption names fills, frame, word and relations). It is a server setting, not a request
+field: a real API is not told what world its images show.
 """
 
 from __future__ import annotations
@@ -158,9 +163,10 @@ def _payload(url: str) -> bytes:
         raise RequestError(400, "the image data URL is not valid base64", code="invalid_image", param="messages")
 
 
-def scene_of(url: str) -> tuple[Scene, int, int]:
-    """The scene shown by a data-URL image and its original (width, height); parsed once per distinct image."""
-    key = hashlib.sha1(url.encode("ascii", "replace")).digest()
+def scene_of(url: str, world: str = "basic") -> tuple[Scene, int, int]:
+    """The scene shown by a data-URL image and its original (width, height); parsed once per distinct image and
+    world."""
+    key = hashlib.sha1(world.encode() + b"\0" + url.encode("ascii", "replace")).digest()
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
@@ -178,9 +184,9 @@ def scene_of(url: str) -> tuple[Scene, int, int]:
     if scale < 1:
         rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BOX)
     try:
-        scene = parse(rgb)
+        scene = parse(rgb, world=world)
     except ValueError:  # too small to hold a scene: answer as for any image without one
-        scene = Scene()
+        scene = Scene(world=world)
     with _cache_lock:
         _cache[key] = (scene, width, height)
         while len(_cache) > SCENE_CACHE_SIZE:
@@ -199,7 +205,7 @@ def _image_size(url: str) -> tuple[int, int]:
                            param="messages") from None
 
 
-def judged(request: ChatRequest) -> str | None:
+def judged(request: ChatRequest, world: str = "basic") -> str | None:
     """The content of a rubric judge's request (a rubric, or a yes / no answer); None for any other request."""
     text = "\n".join(request.texts)
     if RUBRIC_ASK in text and not request.images:
@@ -207,16 +213,16 @@ def judged(request: ChatRequest) -> str | None:
         return json.dumps({"questions": rubric_for(scene) if scene is not None else [STRUCTURE]})
     if ANSWER_ASK in text and request.images:
         question = question_of(text) or ""
-        return "yes" if answer(question, scene_of(request.images[0][0])[0]) else "no"
+        return "yes" if answer(question, scene_of(request.images[0][0], world)[0]) else "no"
     return None
 
 
-def caption(request: ChatRequest) -> tuple[str, int]:
-    """(content, prompt_tokens) for a request: its first image captioned (or the judge's request answered),
-    every image and text part counted."""
-    content = judged(request)
+def caption(request: ChatRequest, world: str = "basic") -> tuple[str, int]:
+    """(content, prompt_tokens) for a request: its first image captioned in `world` (or the judge's request
+    answered), every image and text part counted."""
+    content = judged(request, world)
     if content is None:
-        scene, width, height = scene_of(request.images[0][0])
+        scene, width, height = scene_of(request.images[0][0], world)
         sizes = [(width, height)] + [_image_size(url) for url, _ in request.images[1:]]
         content = caption_for(scene, request.texts, request.json_mode)
     else:

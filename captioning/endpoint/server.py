@@ -110,7 +110,7 @@ def start_endpoint(host: str = "127.0.0.1", port: int = 0, *, allow_non_loopback
                    **options) -> tuple[EndpointHandle, str]:
     """Start the endpoint in a daemon thread; returns (handle, base_url). `port=0` picks a free port.
 
-    options: api_key, models, state_dir, workers (see app.make_app) and every `Faults` field: latency_s,
+    options: api_key, models, state_dir, workers, world (see app.make_app) and every `Faults` field: latency_s,
     latency_jitter_s, rate_429, rate_500, rate_timeout, rate_malformed, rate_refusal, rate_truncate, rate_empty,
     retry_after_s, timeout_sleep_s, script, seed, batch_fail_rate, batch_status, batch_delay_s.
     """

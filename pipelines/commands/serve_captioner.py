@@ -2,6 +2,7 @@
 
     lensforge serve-captioner --port 8001
     lensforge serve-captioner --port 8001 --api-key sk-local --latency-s 0.2 --rate-429 0.05 --seed 1
+    lensforge serve-captioner --port 8001 --world rich      # parse and describe the rich scene world
     curl -X POST localhost:8001/_lensforge/faults -d '{"script": ["429", "ok"], "retry_after_s": 1}'
 
 It knows ONLY lensforge's synthetic scenes: it parses each image back into a scene and describes it; it is not a
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=None,
                         help="keep uploaded files and batches here across restarts (default: a temporary folder)")
     parser.add_argument("--workers", type=int, default=None, help="threads that decode and parse images")
+    parser.add_argument("--world", choices=("basic", "rich"), default="basic",
+                        help="scene world the images come from (scenes/scene.py; default basic)")
     _fault_flags(parser)
 
 
@@ -66,7 +69,7 @@ def options(args: argparse.Namespace) -> dict:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(DEFAULT_MODELS)
     faults = {name: getattr(args, name) for name in Faults.model_fields}
     return {"api_key": args.api_key, "models": models, "state_dir": args.state_dir, "workers": args.workers,
-            "allow_non_loopback": args.allow_non_loopback, **faults}
+            "world": args.world, "allow_non_loopback": args.allow_non_loopback, **faults}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -376,3 +376,28 @@ def test_cli_flags_become_start_options(urls):
     bad = parser.parse_args(["--rate-429", "0.8", "--rate-500", "0.5"])
     with pytest.raises(ValueError, match="add up to"):
         serve_captioner.run(bad)
+
+
+def test_rich_world_endpoint_describes_rich_scenes():
+    import argparse
+
+    from captioning.endpoint.batches import answer_line
+    from pipelines.commands import serve_captioner
+
+    scene = Scene((Obj("circle", "red", "large", "top left", "hollow"), Obj("star", "blue", "small", "center")),
+                  background="gray", word="MOON", frame="yellow", word_at="bottom right", world="rich")
+    url = data_url(render(scene, 256))
+    parser = argparse.ArgumentParser()
+    serve_captioner.add_arguments(parser)
+    assert serve_captioner.options(parser.parse_args([]))["world"] == "basic"
+    handle, base_url = start_endpoint(**serve_captioner.options(parser.parse_args(["--world", "rich"])))
+    with handle:
+        client = OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        dense = ask(client, url, "Describe the image in detail.").choices[0].message.content
+        assert dense == describe(scene, "dense") and 80 <= len(dense.split()) <= 120
+        assert ask(client, url, "Caption it in one sentence.").choices[0].message.content == describe(scene, "short")
+    body = {"model": "gpt-4.1-mini", "messages": messages(url, "comma-separated tags")}
+    ok, record = answer_line("line-1", body, frozenset({"gpt-4.1-mini"}), False, "rich")
+    assert ok and record["response"]["body"]["choices"][0]["message"]["content"] == describe(scene, "tags")
+    with pytest.raises(ValueError, match="unknown scene world"):
+        start_endpoint(world="fancy")

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scenes.adherence import CATEGORIES, MAX_COUNT, SHAPE_PAIRS, evaluate, passes, prompt_set, score
+from scenes.adherence import (
+    CATEGORIES, MAX_COUNT, RICH_CATEGORIES, SHAPE_PAIRS, categories_for, evaluate, passes, prompt_set, score,
+)
 from scenes.adherence_report import bootstrap
 from scenes.describe import describe
 from scenes.render import render
-from scenes.scene import CELLS, COLORS, SHAPES, Obj, Scene, random_scene
+from scenes.scene import CELLS, COLORS, FRAMES, SHAPES, WORDS, Obj, Scene, random_scene
 
 
 def _jpeg(image: Image.Image, quality: int = 90) -> Image.Image:
@@ -178,3 +180,78 @@ def test_evaluate_command_on_a_random_checkpoint(tmp_path, monkeypatch, capsys):
     assert Image.open(out / "samples_counting.png").size == (64, 32)
     assert cli.main(["evaluate", "--run", str(run), "--out", str(out), "--per-category", "0"]) == 2
     assert "--per-category must be ≥ 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def rich_items():
+    return prompt_set(world="rich")  # 32 dense prompts per category, the six basic ones and the five rich ones
+
+
+def test_rich_prompt_set_structure(rich_items):
+    assert categories_for("basic") == CATEGORIES and categories_for("rich") == CATEGORIES + RICH_CATEGORIES
+    assert [it.category for it in rich_items] == [c for c in categories_for("rich") for _ in range(32)]
+    assert prompt_set(per_category=4, world="rich") == [it for c in categories_for("rich")
+                                                         for it in [i for i in rich_items if i.category == c][:4]]
+    by = {c: [it.scene for it in rich_items if it.category == c] for c in categories_for("rich")}
+    for it in rich_items:  # a rich target is a rich scene its own dense caption describes
+        assert it.scene.world == "rich" and it.prompt == describe(it.scene, "dense")
+    assert {o.fill for c in CATEGORIES for s in by[c] for o in s.objects} == {"solid", "hollow"}
+    assert Counter((s.objects[0].shape, s.objects[0].fill) for s in by["texture"]) == {
+        (shape, fill): 4 for shape in SHAPES for fill in ("solid", "hollow")}
+    assert all(sorted(o.size for o in s.objects) == ["large", "small"] for s in by["relative_size"])
+    assert all(len({o.color for o in s.objects}) == 2 and len({o.shape for o in s.objects}) == 2
+               for c in ("relative_size", "relations") for s in by[c])
+    kinds = Counter((CELLS[a.cell][0] == CELLS[b.cell][0], CELLS[a.cell][1] == CELLS[b.cell][1])
+                    for a, b in (s.objects for s in by["relations"]))
+    assert kinds == {(True, False): 11, (False, True): 11, (False, False): 10}  # row, column, diagonal
+    assert Counter(s.word_cell for s in by["text"][:18]) == {c: 2 for c in CELLS}
+    assert Counter(s.word for s in by["text"][:24]) == {w: 2 for w in WORDS}
+    assert Counter(s.frame for s in by["frame"]) == {f: 8 for f in FRAMES}
+    with pytest.raises(ValueError, match="unknown category 'texture' in the basic world"):
+        prompt_set(categories=["texture"])
+
+
+def test_rich_rules_check_what_their_names_say():
+    def scene(*objects, **kw):
+        return Scene(objects, world="rich", **kw)
+
+    circle, star = Obj("circle", "red", "large", "top left", "hollow"), Obj("star", "blue", "small", "bottom right")
+    target = scene(circle, star)
+    assert passes("texture", target, scene(Obj("circle", "green", "large", "center", "hollow")))
+    assert not passes("texture", target, scene(Obj("circle", "red", "large", "top left")))
+    assert passes("relative_size", target, scene(circle, star))
+    swapped = scene(Obj("circle", "red", "small", "top left"), Obj("star", "blue", "large", "bottom right"))
+    assert not passes("relative_size", target, swapped) and passes("relations", target, swapped)
+    moved = scene(Obj("circle", "red", "large", "bottom left"), Obj("star", "blue", "small", "bottom right"))
+    assert not passes("relations", target, moved)  # now level with, not above
+    assert passes("relations", scene(Obj("circle", "red", "large", "center"), Obj("star", "blue", "large", "top left")),
+                  scene(Obj("circle", "red", "large", "bottom right"), Obj("star", "blue", "large", "center")))
+    text = scene(circle, word="CAT", word_at="center")
+    assert passes("text", text, scene(word="CAT", word_at="center"))
+    assert not passes("text", text, scene(word="DOG", word_at="center"))
+    assert not passes("text", text, scene(word="CAT", word_at="top right"))
+    framed = scene(circle, frame="green")
+    assert passes("frame", framed, scene(frame="green")) and not passes("frame", framed, scene(frame="red"))
+    assert not any(passes(c, target, Scene(world="rich")) for c in ("texture", "relative_size", "relations"))
+
+
+def test_rich_true_renders_pass_every_category(rich_items):
+    result = score(rich_items, [render(it.scene, 32) for it in rich_items])
+    print(f"\nrich ground truth, 32²:\n{result.to_markdown()}")
+    for c in result.categories:
+        assert c.score.mean >= 0.95, c
+        assert c.chance.high < 0.5
+    assert [c.category for c in result.categories] == list(categories_for("rich"))
+
+
+def test_rich_unrelated_images_score_about_chance(rich_items):
+    rng = random.Random(99)
+    others = [render(random_scene(rng, world="rich"), 32) for _ in rich_items]
+    noise = list(np.random.default_rng(0).integers(0, 256, (len(rich_items), 32, 32, 3), dtype=np.uint8))
+    for images, label in ((others, "other rich scenes"), (noise, "uniform noise")):
+        result = score(rich_items, images)
+        print(f"\n{label}:\n{result.to_markdown()}")
+        assert result.overall.mean < 0.3
+        assert result.overall.low <= result.chance.mean <= result.overall.high
+        for c in result.categories:  # no category stands far above its own chance level
+            assert c.score.mean <= c.chance.high + 0.2, (label, c)

@@ -100,3 +100,17 @@ def test_assign_faults_counts_and_sources(n, fraction):
     for i, kind in enumerate(rows):
         if kind in ("exact_duplicate", "near_duplicate"):
             assert any(k in (None, "optout") for k in rows[:i])
+
+
+def test_a_rich_world_dataset(tmp_path):
+    cfg = ScenesConfig(n=12, size=64, seed=1, faults=0.0, world="rich")
+    assert cfg.word_prob == 0.6 and ScenesConfig(world="rich", word_prob=0.0).word_prob == 0.0
+    assert "world" not in ScenesConfig().model_dump() and ScenesConfig.model_validate(cfg.model_dump()) == cfg
+    render_dataset(cfg, tmp_path)
+    truths = [json.loads(p.read_text()) for p in sorted((tmp_path / "scenes").glob("*.json"))]
+    scenes = [Scene.from_dict(t["scene"]) for t in truths]
+    assert len(scenes) == 12 and all(s.world == "rich" for s in scenes)
+    assert any(s.frame for s in scenes) and any(o.fill == "hollow" for s in scenes for o in s.objects)
+    for truth, scene in zip(truths, scenes):
+        image = Image.open(tmp_path / "images" / f"{truth['scene_id']}.jpg")
+        assert parse(image, world="rich") == scene

@@ -8,11 +8,12 @@ import random
 
 import cv2
 import numpy as np
+import pytest
 from PIL import Image
 
 from scenes.parse import parse
 from scenes.render import render
-from scenes.scene import Scene, random_scene
+from scenes.scene import Obj, Scene, random_scene
 
 N_SCENES = 200
 
@@ -78,3 +79,50 @@ def test_parse_survives_blobs_and_blank_images():
     noise = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
     for image in (blob, noise, noise[..., 0]):
         assert isinstance(parse(image), Scene)
+
+
+def _rich_accuracy(make) -> dict[str, float]:
+    """Rich world over N_SCENES scenes: objects (incl. fill) over truth ∪ parse; frames, word cells (both incl. none)
+    over scenes; words over scenes with one."""
+    rng = random.Random(123)
+    right = total = frames = cells = words = with_word = 0
+    for i in range(N_SCENES):
+        scene = random_scene(rng, world="rich")
+        parsed = parse(make(scene, i), world="rich")
+        truth, got = set(scene.objects), set(parsed.objects)
+        right, total = right + len(truth & got), total + len(truth | got)
+        frames += parsed.frame == scene.frame
+        cells += parsed.word_cell == scene.word_cell
+        if scene.word:
+            with_word, words = with_word + 1, words + (parsed.word == scene.word)
+        assert parsed.world == "rich" and parsed.background == scene.background
+    return {"objects": right / total, "frames": frames / N_SCENES, "word cells": cells / N_SCENES,
+            "words": words / with_word}
+
+
+def test_rich_parse_accuracy():
+    # Measured (seed 123, 300 scenes): 100 % everywhere but words on JPEG then 32² (~99 %); resize then JPEG (the
+    # stress case) 64²: objects ~87 %, 32²: ~45 % (4:2:0 chroma smears the frame into the edge cells).
+    cases = {
+        "render 32²": (lambda s, i: np.asarray(render(s, 32)), 0.99),
+        "render 64²": (lambda s, i: np.asarray(render(s, 64)), 0.99),
+        "jpeg 256² -> 64²": (lambda s, i: _resize(_jpeg(np.asarray(render(s, 256)), 75 + i % 21), 64, i), 0.99),
+        "jpeg 256² -> 32²": (lambda s, i: _resize(_jpeg(np.asarray(render(s, 256)), 75 + i % 21), 32, i), 0.97),
+        "resize 64² -> jpeg": (lambda s, i: _jpeg(_resize(np.asarray(render(s, 256)), 64, i), 75 + i % 21), 0.8),
+    }
+    for label, (make, floor) in cases.items():
+        accuracy = _rich_accuracy(make)
+        print(f"rich parse {label}: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
+        for what, value in accuracy.items():
+            assert value >= floor, (label, what, value)
+
+
+def test_rich_parse_reads_a_placed_word_and_survives_junk():
+    scene = Scene((Obj("star", "red", "large", "bottom center", "hollow"),), "black", "JAZZ", frame="yellow",
+                  word_at="top left", world="rich")
+    assert parse(render(scene, 32), world="rich") == scene
+    assert parse(np.full((64, 64, 3), 128, np.uint8), world="rich") == Scene(background="gray", world="rich")
+    noise = np.random.default_rng(1).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    assert parse(noise, world="rich").world == "rich"
+    with pytest.raises(ValueError, match="unknown world"):
+        parse(noise, world="fancy")

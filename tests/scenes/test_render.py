@@ -54,3 +54,50 @@ def test_bad_vocabulary_is_rejected():
         Obj("hexagon", "red", "large", "center")
     with pytest.raises(ValueError, match="share a cell"):
         Scene((Obj("star", "red", "large", "center"), Obj("circle", "red", "small", "center")))
+
+
+def _outer_cells_scene(fill: str, frame: str | None, word: str | None = None) -> Scene:
+    """Large shapes in all eight outer cells (the word, if any, in the centre): every edge has an object near it."""
+    shapes = (SHAPES * 2)[:8]
+    outer = [c for c in CELLS if c != "center"]
+    objects = tuple(Obj(s, "blue", "large", c, fill) for s, c in zip(shapes, outer))
+    return Scene(objects, "white", word, frame=frame, world="rich")
+
+
+@pytest.mark.parametrize("size", [32, 64, 256])
+def test_rich_frame_is_a_ring_that_touches_no_object(size):
+    band = round(size / 32)  # FRAME_WIDTH of the side
+    for fill in ("solid", "hollow"):
+        framed = np.asarray(render(_outer_cells_scene(fill, "red"), size)).astype(int)
+        bare = np.asarray(render(_outer_cells_scene(fill, None), size)).astype(int)
+        changed = np.abs(framed - bare).sum(-1) > 0
+        inner = np.zeros_like(changed)
+        inner[band:-band, band:-band] = True
+        assert not (changed & inner).any(), (size, fill)  # the frame changes only the ring ...
+        assert changed[~inner].all()  # ... all of it, in its colour
+        assert np.abs(framed[0, size // 2] - COLORS["red"]).max() <= 2
+        # and no object reaches into the ring: without a frame the ring is pure background
+        assert np.abs(bare[~inner] - BACKGROUNDS["white"]).max() == 0
+
+
+def test_rich_hollow_is_an_outline_of_the_same_shape():
+    for shape in SHAPES:
+        solid = Scene((Obj(shape, "green", "large", "center"),), "gray", world="rich")
+        hollow = Scene((Obj(shape, "green", "large", "center", "hollow"),), "gray", world="rich")
+        a, b = (np.asarray(render(s, 96)).astype(int) for s in (solid, hollow))
+        drawn_a = np.abs(a - BACKGROUNDS["gray"]).sum(-1) > 30
+        drawn_b = np.abs(b - BACKGROUNDS["gray"]).sum(-1) > 30
+        assert not (drawn_b & ~drawn_a).any()  # the outline lies inside the solid shape
+        assert 0.35 < drawn_b.sum() / drawn_a.sum() < 0.85, shape  # a hole, not a sliver or a dot
+        assert solid.world == hollow.world == "rich"
+
+
+def test_rich_word_stays_inside_its_cell_clear_of_the_frame():
+    scene = Scene((Obj("circle", "red", "large", "center"),), "white", "HELLO", frame="green", word_at="middle left",
+                  world="rich")
+    base = Scene((Obj("circle", "red", "large", "center"),), "white", frame="green", world="rich")
+    a, b = (np.asarray(render(s, 96)).astype(int) for s in (scene, base))
+    changed = np.abs(a - b).sum(-1) > 0
+    rows, cols = np.nonzero(changed)
+    assert rows.min() >= 32 and rows.max() < 64 and cols.max() < 32  # inside the middle-left cell
+    assert cols.min() >= 0.038 * 96  # clear of the band the parser wipes (the frame is 1/32 of the side)

@@ -40,3 +40,16 @@ def test_wrong_images_fail_the_questions_they_get_wrong():
     assert [answer(q, empty) for q in questions] == [False, False, False, False, False, True, False]
     assert answer("Is it beautiful?", empty) is None
     assert answer("Is there exactly 1 object?", parse(render(Scene((target.objects[0],)), 32))) is True
+
+
+def test_a_rich_description_reads_back_as_its_basic_scene():
+    rng = random.Random(4)
+    for _ in range(100):
+        scene = random_scene(rng, world="rich")
+        plain = [(o.shape, o.color, o.size, o.cell) for o in scene.objects]
+        for style in ("dense", "medium"):
+            read = read_description(describe(scene, style))
+            assert [(o.shape, o.color, o.size, o.cell) for o in read.objects] == plain
+        assert read_description(describe(scene, "dense")).background == scene.background
+        parsed = parse(render(scene, 32), world="rich")
+        assert all(answer(q, parsed) for q in rubric_for(scene))
