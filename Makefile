@@ -27,7 +27,7 @@ demo: install
 
 # Fast suite (what CI runs): slow end-to-end runs are deselected; at least one fast end-to-end test runs.
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15
 
 test-all: install
 	$(BIN)/python -m pytest -q

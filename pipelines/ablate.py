@@ -21,7 +21,7 @@ Per run only `data.captions` (the arm's mix), `seed` (base seed + k), `max_steps
 and `val.captions` (dense for every run: one caption style, so the validation curves compare) change. The data
 order of a seed is the same for every arm: the loader's draws depend on (seed, step) and the shard set only.
 Evaluations (pipelines/ablate_eval.py): dense, short and the arm's own prompts at the last step; and, for the
-time-matched view, once a seed's arms are trained, each slower arm on dense prompts at its checkpoint (one every
+time-matched view, once all arms of a seed are trained, each slower arm on dense prompts at its checkpoint (one every
 --time-every steps) nearest to the fastest arm's training time. The sweep's runs (`dense@N`) take the first
 --sweep-seeds seeds and are scored on dense and their own (cut) prompts.
 
@@ -268,8 +268,9 @@ def run_ablation(s: AblateSettings, base: TrainConfig, data: str | Path, out: st
             base_name, n = split_variant(name)
             print(f"ablate: {name} cuts no caption (every {base_name} caption has ≤ {n} words): it trains on "
                   f"the same captions as {base_name}")
-    top = max(s.seeds, s.sweep_seeds if s.sweep_words else 1)
-    jobs = [(v, base.seed + k) for k in range(top) for v in variants if base.seed + k in run_seeds(v, s, base.seed)]
+    # The arms seed by seed (a seed's time-matched view as soon as its arms are trained), then the sweep.
+    jobs = [(v, seed) for k in range(s.seeds) for v in variants if not v.sweep for seed in [base.seed + k]]
+    jobs += [(v, seed) for v in variants if v.sweep for seed in run_seeds(v, s, base.seed)]
     for i, (variant, seed) in enumerate(jobs, 1):
         run = variant.run_dir(out, seed)
         cfg = run_config(base, variant, seed, s.steps, 0 if variant.sweep else s.time_every)
@@ -278,7 +279,7 @@ def run_ablation(s: AblateSettings, base: TrainConfig, data: str | Path, out: st
               flush=True)
         did_train = train_run(cfg, set_dir, run)
         evaluated = evaluate_run(run, variant.prompt_sets(), s, seed)
-        if s.time_every and not any(seed == j[1] for j in jobs[i:]):  # the seed's last run: its time-matched view
+        if s.time_every and not variant.sweep:  # scores nothing until every arm of the seed is trained
             evaluated += evaluate_time_matched({v.name: v.run_dir(out, seed) for v in variants if not v.sweep}, s,
                                                seed)
         what = "finished earlier, skipped" if not (did_train or evaluated) else f"done in {time.time() - began:.0f} s"

@@ -18,6 +18,8 @@ import torch
 
 from training.caption_variants import truncate_words
 
+CHUNK = 16  # cuts per text-encoder pass
+
 
 def draw_cut(text: str, u: float) -> tuple[str, int]:
     """The text cut to N words, N uniform on 1 … words(text) from u in [0, 1); (cut text, N). An empty text stays."""
@@ -48,9 +50,14 @@ class CaptionCut:
 
     def encode(self, texts: list[str]) -> list[torch.Tensor]:
         """Unpadded (L_i, D) bfloat16 features of each text, on the CPU (the stored features' dtype and place)."""
-        if not texts:
-            return []
-        features, mask = self.encoder.encode(texts)
-        lengths = mask.sum(1).tolist()
-        return [features[i, :n].to(torch.bfloat16).cpu() for i, n in enumerate(lengths)]
+        # Cuts are uniform in length, so one padded batch would spend about half its tokens on padding: encode
+        # them shortest first in chunks of CHUNK (each padded to its own longest), then restore the order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i].split()))
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        for start in range(0, len(order), CHUNK):
+            chunk = order[start:start + CHUNK]
+            features, mask = self.encoder.encode([texts[i] for i in chunk])  # (c, L, D), (c, L)
+            for i, row, n in zip(chunk, features, mask.sum(1).tolist()):
+                out[i] = row[:n].to(torch.bfloat16).cpu()
+        return out
 

@@ -71,6 +71,22 @@ def test_each_draw_is_the_exact_encoding_of_its_cut_text(shards):
     assert min(fractions) < 0.2 and max(fractions) > 0.8  # short and long cuts both occur
 
 
+def test_chunked_encoding_keeps_each_texts_features_in_order(shards):
+    """More cuts than one chunk, in no length order: each comes back as its own text's features."""
+    from inference.text import load_text_encoder
+    from training.caption_cut import CHUNK, CaptionCut
+    from training.loader import open_shard_set
+
+    words = "a large red circle sits left of a small hollow blue star on a grey ground".split()
+    texts = [" ".join(words[:1 + (7 * k) % len(words)]) for k in range(CHUNK + 5)]
+    got = CaptionCut(open_shard_set(shards, config()).encoders).encode(texts)
+    encoder = load_text_encoder("minilm")
+    for text, features in zip(texts, got):
+        want, mask = encoder.encode([text])
+        assert features.shape == (int(mask.sum()), want.shape[-1])
+        torch.testing.assert_close(features.float(), want[0][mask[0]].to(torch.bfloat16).float(), rtol=0, atol=0.02)
+
+
 def loader_caption(loader: Loader, key: str) -> str:
     """The stored dense caption of a sample (the scene shards' meta.json), found by key."""
     from training.loader import raw_samples
