@@ -244,8 +244,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def run_ablation(s: AblateSettings, base: TrainConfig, data: str | Path, out: str | Path, config_file: str | Path,
-                 command: str) -> Path:
-    """Train and evaluate every (arm, seed) not yet done, seed by seed, then write the report; OUT/README.md."""
+                 command: str, report_only: bool = False) -> Path:
+    """Train and evaluate every (arm, seed) not yet done, seed by seed, then write the report; OUT/README.md.
+    `report_only`: the report of what is finished, nothing trained or scored."""
     from pipelines.ablate_eval import evaluate_run, evaluate_time_matched
     from pipelines.ablate_report import write_report
     from pipelines.config import save_resolved
@@ -271,6 +272,8 @@ def run_ablation(s: AblateSettings, base: TrainConfig, data: str | Path, out: st
     # The arms seed by seed (a seed's time-matched view as soon as its arms are trained), then the sweep.
     jobs = [(v, seed) for k in range(s.seeds) for v in variants if not v.sweep for seed in [base.seed + k]]
     jobs += [(v, seed) for v in variants if v.sweep for seed in run_seeds(v, s, base.seed)]
+    if report_only:
+        jobs = []
     for i, (variant, seed) in enumerate(jobs, 1):
         run = variant.run_dir(out, seed)
         cfg = run_config(base, variant, seed, s.steps, 0 if variant.sweep else s.time_every)

@@ -48,8 +48,7 @@ def plot_adherence(path: Path, rows) -> None:
         x = np.arange(len(arms)) + (k - (len(SETS) - 1) / 2) * width
         est = [r.estimate(name)["overall"] if name in r.tables else None for r in arms]
         _bars(ax, x, est, width, colors[name], f"{name} prompts")
-        chance = [float(np.mean([np.nanmean(v) for v in r.tables[name][1].values()])) if name in r.tables
-                  else np.nan for r in arms]
+        chance = [r.chance(name) if name in r.tables else np.nan for r in arms]
         ax.scatter(x, chance, marker="_", color="black", s=60, zorder=3)
     ax.set_xticks(np.arange(len(arms)), [r.variant for r in arms], fontsize=8)
     ax.set_ylim(-0.02, 1.05)

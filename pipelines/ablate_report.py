@@ -43,6 +43,7 @@ class Row:
     # prompt set → (pass table, chance table, its seeds, style label)
     points: dict[int, tuple[int, float, stats.Table]] = field(default_factory=dict)
     # seed → (step, time limit, one-seed dense table) of the time-matched evaluation
+    _estimates: dict[str, dict[str, Estimate]] = field(default_factory=dict, repr=False)
 
     @property
     def final_val(self) -> float | None:
@@ -54,7 +55,28 @@ class Row:
         return float(np.median(list(self.seconds.values()))) if self.seconds else None
 
     def estimate(self, name: str) -> dict[str, Estimate] | None:
-        return stats.crossed(self.tables[name][0]) if name in self.tables else None
+        if name not in self.tables:
+            return None
+        if name not in self._estimates:  # a report reads each several times; the bootstrap is seeded
+            self._estimates[name] = stats.crossed(self.tables[name][0])
+        return self._estimates[name]
+
+    def above_chance(self, name: str) -> Estimate | None:
+        """Adherence minus chance, item by item, bootstrapped like adherence: what the captions bought beyond what
+        the images pass against any prompt of their category (noise that paints every cell passes position)."""
+        if name not in self.tables:
+            return None
+        key = f"{name}-above-chance"
+        if key not in self._estimates:
+            hits, chance = self.tables[name][:2]
+            self._estimates[key] = stats.crossed({c: hits[c] - chance[c] for c in hits})
+        return self._estimates[key]["overall"]
+
+    def chance(self, name: str) -> float:
+        """The chance level of a prompt set, overall: its images scored against their category's other prompts
+        (mean of category means). It differs per arm: a model that paints every cell passes position anyway."""
+        chance = self.tables[name][1]
+        return float(np.mean([np.nanmean(chance[c]) for c in chance]))
 
 
 def val_curve(run: Path) -> list[tuple[int, float]]:
@@ -155,8 +177,8 @@ def _ci(e: Estimate | None, digits: int = 2) -> str:
     return "–" if e is None else e.text(digits)
 
 
-def _signed(e: Estimate) -> str:
-    return f"{e.mean:+.3f} ({e.low:+.3f} to {e.high:+.3f})"
+def _signed(e: Estimate, digits: int = 3) -> str:
+    return f"{e.mean:+.{digits}f} ({e.low:+.{digits}f} to {e.high:+.{digits}f})"
 
 
 def write_csv(path: Path, rows: list[Row], steps: int) -> None:
@@ -169,12 +191,12 @@ def write_csv(path: Path, rows: list[Row], steps: int) -> None:
         w.writerow(head)
         for row in rows:
             for name, (hits, chance, seeds, style) in row.tables.items():
-                est = stats.crossed(hits)
+                est = row.estimate(name)
                 line = [row.variant, json.dumps(row.mix), round(row.words, 2), len(seeds), steps,
                         row.median_seconds and round(row.median_seconds, 1), row.final_val and round(row.final_val, 5),
                         name, style, int(sum(h.size for h in hits.values())), round(est["overall"].mean, 4),
                         round(est["overall"].low, 4), round(est["overall"].high, 4),
-                        round(float(np.mean([np.nanmean(chance[c]) for c in chance])), 4),
+                        round(row.chance(name), 4),
                         ";".join(f"{x:.4f}" for x in stats.seed_means(hits))]
                 for c in ALL_CATEGORIES:
                     line += ["", "", ""] if c not in est else [round(est[c].mean, 4), round(est[c].low, 4),
@@ -190,19 +212,23 @@ def markdown(rows: list[Row], s) -> str:
              f"prompts per category per evaluation, {s.sample_steps} sampling steps, CFG {s.cfg:g}, {s.size}². "
              "Adherence: mean (95 % interval, bootstrap over seeds and prompts together). Validation loss: every "
              "model on the same held-out images with dense captions. Training time: the trainer's step time summed "
-             "(median over seeds).\n",
+             "(median over seeds). Each adherence cell: mean (95 % interval) / chance, the same images scored "
+             "against their category's other prompts.\n",
              "| arm | words/caption | seeds | training s | final val loss | " + " | ".join(
-                 f"{n} prompts" for n in sets) + " | per-seed (dense) |",
-             "|---|---:|---:|---:|---:|" + "---|" * len(sets) + "---|"]
+                 f"{n} prompts" for n in sets) + " | dense, above chance | per-seed (dense) |",
+             "|---|---:|---:|---:|---:|" + "---|" * len(sets) + "---|---|"]
     for r in arms:
         cells = []
         for n in sets:
             e = r.estimate(n)
-            cells.append("–" if e is None else _ci(e["overall"]) + (f" [{r.tables[n][3]}]" if n == "own" else ""))
-        per_seed = ", ".join(f"{x:.2f}" for x in stats.seed_means(r.tables["dense"][0])) if "dense" in r.tables else "–"
+            cells.append("–" if e is None else f"{_ci(e['overall'])} / {r.chance(n):.2f}"
+                         + (f" [{r.tables[n][3]}]" if n == "own" else ""))
+        dense = r.tables.get("dense")
+        per_seed = "–" if dense is None else ", ".join(f"{x:.2f}" for x in stats.seed_means(dense[0]))
         lines.append(f"| {r.variant} | {r.words:.1f} | {len(r.tables.get('dense', (0, 0, []))[2])} | "
                      f"{'–' if r.median_seconds is None else f'{r.median_seconds:.0f}'} | "
-                     f"{'–' if r.final_val is None else f'{r.final_val:.4f}'} | {' | '.join(cells)} | {per_seed} |")
+                     f"{'–' if r.final_val is None else f'{r.final_val:.4f}'} | {' | '.join(cells)} | "
+                     f"{_signed(r.above_chance('dense'), 2) if 'dense' in r.tables else '–'} | {per_seed} |")
     for n in sets[:2]:
         diffs = differences(arms, n)
         if diffs:
@@ -256,8 +282,12 @@ def reading(rows: list[Row]) -> list[str]:
     for name in ("dense", "short"):
         ranked = sorted((r for r in arms if name in r.tables), key=lambda r: -r.estimate(name)["overall"].mean)
         if ranked:
-            out.append(f"On {name} prompts: " + ", ".join(
-                f"{r.variant} {_ci(r.estimate(name)['overall'])}" for r in ranked) + ".")
+            out.append(f"On {name} prompts (adherence, then chance): " + ", ".join(
+                f"{r.variant} {_ci(r.estimate(name)['overall'])} vs {r.chance(name):.2f}" for r in ranked) + ".")
+        if name == "dense" and ranked:
+            above = sorted(ranked, key=lambda r: -r.above_chance(name).mean)
+            out.append("Above chance on dense prompts: " + ", ".join(
+                f"{r.variant} {_signed(r.above_chance(name), 2)}" for r in above) + ".")
         by = {a + "−" + b: d["overall"] for a, b, d in differences(arms, name)}
         if "dense−mixed" in by and "mixed−short" in by:
             holds = by["dense−mixed"].low > 0 and by["mixed−short"].low > 0

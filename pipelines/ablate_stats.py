@@ -52,17 +52,17 @@ def item_table(records: list[dict]) -> tuple[Table, Table]:
 
 def _draws(tables: list[Table], resamples: int, seed: int) -> dict[str, np.ndarray]:
     """Per category, `resamples` means of each table's resampled sub-table: (len(tables), resamples). Prompts are
-    drawn once for all tables (paired), seeds per table."""
+    drawn once for all tables (paired), seeds per table and once for all categories (a resample is one world)."""
     rng = np.random.default_rng(seed)
     categories = [c for c in ALL_CATEGORIES if all(c in t for t in tables)]
-    out = {c: np.empty((len(tables), resamples)) for c in categories}
-    for r in range(resamples):
-        seeds = [rng.integers(0, t[categories[0]].shape[0], t[categories[0]].shape[0]) for t in tables]
-        for c in categories:
-            p = tables[0][c].shape[1]
-            prompts = rng.integers(0, p, p)
-            for k, t in enumerate(tables):
-                out[c][k, r] = np.nanmean(t[c][np.ix_(seeds[k], prompts)])
+    seeds = [rng.integers(0, n, (resamples, n)) for n in (t[categories[0]].shape[0] for t in tables)]  # (R, S_k)
+    out = {}
+    for c in categories:
+        p = tables[0][c].shape[1]
+        prompts = rng.integers(0, p, (resamples, p))  # (R, P)
+        # t[c][seeds, prompts] → (R, S_k, P): every resample's sub-table at once
+        out[c] = np.stack([np.nanmean(t[c][seeds[k][:, :, None], prompts[:, None, :]], axis=(1, 2))
+                           for k, t in enumerate(tables)])
     return out
 
 

@@ -1,7 +1,7 @@
 """`lensforge ablate caption-density --data DATA --out DIR [--variants alt,short,dense,mixed,random-length]
 [--world basic|rich] [--seeds 1] [--steps 600] [--preset tiny] [--sweep-words 8,16,32,64 [--sweep-base dense]
 [--sweep-seeds 1]] [--time-every 25] [--per-category 16] [--sample-steps 25] [--cfg 4.0] [--eval-batch-size 16]
-[--device auto] [--config F] [--set train.K=V]`
+[--device auto] [--report-only] [--config F] [--set train.K=V]`
 
 One model per caption arm, everything else equal, each scored for prompt adherence in three prompt styles; tables
 and plots in DIR. Rerun the same command to finish an interrupted study or add seeds. Data preparation:
@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", type=int, default=DEFAULT_EVAL_BATCH, help="images per sampling batch "
                         f"(default {DEFAULT_EVAL_BATCH}; larger on a GPU)")
     parser.add_argument("--device", default="auto", help="evaluation device (training: train.device)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the tables and plots from what is "
+                        "finished; train and score nothing")
     add_config_args(parser)  # the recipe: the `train:` section of --config, by default configs/demo.yaml
 
 
@@ -113,6 +115,6 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, world=args.world, sweep_words=args.sweep_words, sweep_base=args.sweep_base,
         sweep_seeds=args.sweep_seeds, time_every=args.time_every, per_category=args.per_category,
         sample_steps=args.sample_steps, cfg=args.cfg, eval_batch_size=args.eval_batch_size, device=args.device)
-    readme = run_ablation(settings, base, args.data, args.out, config, command_line(args))
+    readme = run_ablation(settings, base, args.data, args.out, config, command_line(args), args.report_only)
     print(f"ablate: done → {readme}")
     return 0

@@ -102,7 +102,13 @@ def test_outputs_cover_every_arm_prompt_style_and_category(study):
     assert "mixed − short" in markdown
     readme = (study / "README.md").read_text()
     assert "lensforge ablate caption-density --data" in readme and "--sweep-words 4" in readme
-    assert "On dense prompts:" in readme
+    assert "On dense prompts (adherence, then chance):" in readme
+    # Each adherence cell carries its chance level, the CSV's.
+    short = next(r for r in rows if r["variant"] == "short" and r["prompts"] == "dense")
+    line = markdown.split("| short |")[1].split("\n")[0]
+    assert f" / {float(short['chance']):.2f} | " in line
+    assert f" | {float(short['overall']) - float(short['chance']):+.2f} (" in line  # above chance, item by item
+    assert "Above chance on dense prompts: " in readme
 
 
 def test_rerun_skips_finished_work_and_redoes_only_what_is_missing_or_changed(study, data, monkeypatch):
@@ -115,6 +121,10 @@ def test_rerun_skips_finished_work_and_redoes_only_what_is_missing_or_changed(st
     monkeypatch.setattr(scenes.adherence, "evaluate", lambda *a, **k: evaluated.append(1) or original(*a, **k))
     before = (study / "runs" / "short-s0" / "adherence-dense.json").stat().st_mtime_ns
     lost = study / "runs" / "dense@4-s0" / "adherence-own.json"
+    (study / "results.md").unlink()
+    assert ablate(data, study, *ARMS, "--report-only", "--per-category", "3") == 0  # tables only: nothing scored
+    assert not evaluated and (study / "results.md").is_file()
+    assert "--report-only" not in (study / "command.txt").read_text()
     kept = json.loads(lost.read_text())
     lost.unlink()
     assert ablate(data, study, *ARMS) == 0
