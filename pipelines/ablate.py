@@ -270,11 +270,9 @@ def run_ablation(s: AblateSettings, base: TrainConfig, data: str | Path, out: st
             print(f"ablate: {name} cuts no caption (every {base_name} caption has ≤ {n} words): it trains on "
                   f"the same captions as {base_name}")
     # The arms seed by seed (a seed's time-matched view as soon as its arms are trained), then the sweep.
-    jobs = [(v, seed) for k in range(s.seeds) for v in variants if not v.sweep for seed in [base.seed + k]]
+    jobs = [(v, base.seed + k) for k in range(s.seeds) for v in variants if not v.sweep]
     jobs += [(v, seed) for v in variants if v.sweep for seed in run_seeds(v, s, base.seed)]
-    if report_only:
-        jobs = []
-    for i, (variant, seed) in enumerate(jobs, 1):
+    for i, (variant, seed) in enumerate([] if report_only else jobs, 1):
         run = variant.run_dir(out, seed)
         cfg = run_config(base, variant, seed, s.steps, 0 if variant.sweep else s.time_every)
         began = time.time()

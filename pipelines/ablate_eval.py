@@ -116,7 +116,7 @@ def evaluate_run(run: Path, sets: dict[str, dict], s, seed: int) -> int:
         print(f"ablate: {run.name}: no checkpoint at step {s.steps} to evaluate ({', '.join(todo)} missing): delete "
               "the run folder to retrain it")
         return 0
-    return _evaluate(run, where, todo, s)
+    return evaluate_checkpoint(run, where, todo, s)
 
 
 def step_in(path: Path) -> int:
@@ -155,7 +155,7 @@ def evaluate_time_matched(runs: dict[str, Path], s, seed: int) -> int:
                 for stale in previous:
                     stale.unlink()
                 settings = {**eval_settings(s, spec, seed, step), "time_limit": limit, "train_seconds": clock[step]}
-                done += _evaluate(run, kept[step], {f"adherence-dense-step{step}.json": settings}, s)
+                done += evaluate_checkpoint(run, kept[step], {f"adherence-dense-step{step}.json": settings}, s)
                 keep.add(step)
         for step, path in kept.items():
             if step not in keep:
@@ -163,7 +163,9 @@ def evaluate_time_matched(runs: dict[str, Path], s, seed: int) -> int:
     return done
 
 
-def _evaluate(run: Path, checkpoint: Path, evaluations: dict[str, dict], s) -> int:
+def evaluate_checkpoint(run: Path, checkpoint: Path, evaluations: dict[str, dict], s) -> int:
+    """Sample and score each of `evaluations` (file name → settings) with one checkpoint's EMA weights; RUN/<name>
+    and its sample grid written; how many."""
     import torch
 
     from inference.checkpoint import resolve_checkpoint

@@ -29,6 +29,22 @@ def ablate(data, out, *extra: str, steps: int = 4) -> int:
                          *FAST, *extra])
 
 
+RATES = {"short": 1.0, "mixed": 2.0, "random-length": 4.0, "dense@4": 1.0}  # fake training seconds per step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fixed_clock():
+    """Training seconds from RATES, not the wall clock: which arm is fastest, and which checkpoint the time-matched
+    view reads, must not depend on how busy the machine is."""
+    import pipelines.ablate
+
+    real = pipelines.ablate.train_seconds
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipelines.ablate, "train_seconds",
+                   lambda run: {step: RATES[run.name.rsplit("-s", 1)[0]] * step for step in real(run)})
+        yield
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from scenes.shards import write_scene_shards

@@ -17,7 +17,7 @@ import yaml
 
 from pipelines.ablate import AblateSettings, needed_variants, parse_variant, run_config, train_run
 from pipelines.ablate_data import resolve_shard_set
-from pipelines.ablate_eval import _evaluate, checkpoints, eval_settings
+from pipelines.ablate_eval import checkpoints, evaluate_checkpoint, eval_settings
 from training.train_config import TrainConfig
 
 STUDY = Path(__file__).with_name("study.yaml")
@@ -45,7 +45,7 @@ def main() -> None:
     for step, checkpoint in sorted(checkpoints(run).items()):
         name = f"adherence-dense-step{step}.json"
         if step in {int(x) for x in args.score.split(",")} and not (run / name).is_file():
-            _evaluate(run, checkpoint, {name: eval_settings(s, spec, 0, step)}, s)
+            evaluate_checkpoint(run, checkpoint, {name: eval_settings(s, spec, 0, step)}, s)
 
 
 if __name__ == "__main__":
